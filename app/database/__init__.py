@@ -1,0 +1,41 @@
+"""Async SQLAlchemy session management with lifecycle control and FastAPI integration.
+
+`get_db` and `AsyncSessionDep` are loaded on first use, so the package imports
+(and `session_manager.session()` works) where FastAPI is not installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._base import Base
+from ._errors import (
+    DatabaseAlreadyInitializedError,
+    DatabaseConfigError,
+    DatabaseNotInitializedError,
+)
+from ._manager import DatabaseSessionManager, session_manager
+
+if TYPE_CHECKING:
+    from ._fastapi import AsyncSessionDep, get_db
+
+__all__ = [
+    "AsyncSessionDep",
+    "Base",
+    "DatabaseAlreadyInitializedError",
+    "DatabaseConfigError",
+    "DatabaseNotInitializedError",
+    "DatabaseSessionManager",
+    "get_db",
+    "session_manager",
+]
+
+_FASTAPI_NAMES = frozenset({"AsyncSessionDep", "get_db"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FASTAPI_NAMES:
+        from . import _fastapi
+
+        return getattr(_fastapi, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

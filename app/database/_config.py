@@ -1,0 +1,99 @@
+"""Validation of what `init()` is given, before any engine or connection exists.
+
+Every message here is built from the dialect and driver names only, so a
+password can never reach an exception, a log line or an error tracker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from ._errors import DatabaseConfigError
+
+# The async driver to suggest for each backend when a URL names none, or a sync one.
+ASYNC_DRIVERS = {
+    "postgresql": "asyncpg",
+    "sqlite": "aiosqlite",
+    "mysql": "aiomysql",
+    "mariadb": "aiomysql",
+}
+
+ENGINE_DEFAULTS: dict[str, Any] = {
+    # Replace connections the server closed while they sat idle in the pool.
+    "pool_pre_ping": True,
+    # Recycle before server or proxy idle limits cut connections (RDS, PgBouncer).
+    "pool_recycle": 3600,
+    # Keep statement parameters (which may hold user secrets) out of error text.
+    "hide_parameters": True,
+}
+
+
+def parse_async_url(url: object) -> URL:
+    """Return `url` as a `URL` whose driver is async, or raise `DatabaseConfigError`."""
+    if isinstance(url, URL):
+        parsed = url
+    elif isinstance(url, str):
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            # `from None`: older SQLAlchemy versions echoed the whole URL in the cause.
+            raise DatabaseConfigError(
+                "database URL could not be parsed: expected a URL such as "
+                "'postgresql+asyncpg://user:password@host:5432/dbname'"
+            ) from None
+    else:
+        raise DatabaseConfigError(
+            f"database URL must be a string, not {type(url).__name__}: pass the URL "
+            "itself, e.g. init(url=settings.database_url)"
+        )
+
+    backend, _, driver = parsed.drivername.partition("+")
+    suggestion = f"{backend}+{ASYNC_DRIVERS.get(backend, '<async driver>')}://..."
+    if not driver:
+        raise DatabaseConfigError(
+            f"database URL '{backend}://...' does not name a driver, so SQLAlchemy "
+            f"would pick a synchronous one: use '{suggestion}'"
+        )
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise DatabaseConfigError(
+            f"unknown database dialect '{parsed.drivername}': use a URL such as "
+            "'postgresql+asyncpg://...'"
+        ) from None
+    if not dialect.get_async_dialect_cls(parsed).is_async:
+        raise DatabaseConfigError(
+            f"driver '{driver}' is synchronous and cannot be used with asyncio: "
+            f"use '{suggestion}'"
+        )
+    if parsed.host is not None and "@" in parsed.host:
+        raise DatabaseConfigError(
+            "database URL has an '@' in its host part, which usually means the password "
+            "contains an unescaped '@': percent-encode the password "
+            "(urllib.parse.quote(password, safe='')) or build the URL with "
+            "sqlalchemy.URL.create(...)"
+        )
+    if "password" in parsed.query:
+        raise DatabaseConfigError(
+            "database URL carries a password in its query string, where it is shown in "
+            "reprs and logs: put it in the user-info part or use sqlalchemy.URL.create(...)"
+        )
+    return parsed
+
+
+def engine_options(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Merge the caller's engine options over the defaults and check the pool sizes."""
+    for name, minimum, hint in (
+        ("pool_size", 1, "0 would mean an unbounded pool; to disable pooling pass "
+         "poolclass=sqlalchemy.pool.NullPool"),
+        ("max_overflow", -1, "-1 means no limit on overflow connections"),
+    ):
+        value = overrides.get(name, minimum)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise DatabaseConfigError(
+                f"{name} must be an integer >= {minimum}, got {value!r} ({hint})"
+            )
+    return {**ENGINE_DEFAULTS, **overrides}

@@ -1,0 +1,111 @@
+"""`DatabaseSessionManager`: the engine, the session factory and their lifecycle."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from ._config import engine_options, parse_async_url
+from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class DatabaseSessionManager:
+    """Owns one async engine and its session factory, from `init()` to `close()`."""
+
+    def __init__(self) -> None:
+        self._state = _State.NEW
+        self._engine: AsyncEngine | None = None
+        self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
+
+    def __repr__(self) -> str:
+        if self._engine is None:
+            return f"<DatabaseSessionManager {self._state.value}>"
+        url = self._engine.url.render_as_string(hide_password=True)
+        return f"<DatabaseSessionManager {self._state.value} url={url!r}>"
+
+    def init(self, url: str | URL, **engine_kwargs: Any) -> None:
+        """Create the engine and session factory; call once at start-up.
+
+        `engine_kwargs` go to `create_async_engine` and override the defaults
+        (`pool_pre_ping=True`, `pool_recycle=3600`, `hide_parameters=True`).
+        Nothing connects yet: the first session opens the first connection.
+        """
+        if self._state is _State.OPEN:
+            raise DatabaseAlreadyInitializedError(
+                "DatabaseSessionManager is already initialised: call "
+                "`await session_manager.close()` before calling `init()` again"
+            )
+        parsed = parse_async_url(url)
+        options = engine_options(engine_kwargs)
+        engine = create_async_engine(parsed, **options)
+        # expire_on_commit=False: attributes stay loaded after commit, so a route can
+        # return a committed object without an implicit (and, in async, illegal) reload.
+        self._sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
+        self._engine = engine
+        self._state = _State.OPEN
+
+    async def close(self) -> None:
+        """Dispose of the engine and its pool; safe to call twice or before `init()`."""
+        engine = self._engine
+        if engine is None:
+            return
+        # Refuse new sessions before awaiting, so none starts on a pool being disposed.
+        self._engine = None
+        self._sessionmaker = None
+        self._state = _State.CLOSED
+        await engine.dispose()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The open engine, for health checks, pool statistics and migrations."""
+        if self._engine is None:
+            raise self._not_open_error()
+        return self._engine
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commit on clean exit, roll back on any exception.
+
+        Cancellation counts as an exception. The session is always closed, which
+        returns its connection to the pool; the pool rolls back anything left open.
+        """
+        if self._sessionmaker is None:
+            raise self._not_open_error()
+        # AsyncSession.__aexit__ closes the session shielded from cancellation.
+        async with self._sessionmaker() as session:
+            yield session
+            # Reached only when the block did not raise: commit whatever is pending,
+            # including work done after an explicit commit() inside the block.
+            await session.commit()
+
+    def _not_open_error(self) -> DatabaseNotInitializedError:
+        if self._state is _State.CLOSED:
+            return DatabaseNotInitializedError(
+                "DatabaseSessionManager is closed: `close()` was called, so no new "
+                "sessions can start; call `session_manager.init(url=...)` to reopen it"
+            )
+        return DatabaseNotInitializedError(
+            "DatabaseSessionManager is not initialised: call "
+            "`session_manager.init(url=...)` at start-up, for example in your "
+            "FastAPI lifespan, before using the database"
+        )
+
+
+session_manager = DatabaseSessionManager()
+"""The process-wide manager; `init()` it in the lifespan, never at import time."""
