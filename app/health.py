@@ -1,0 +1,42 @@
+"""`GET /health`: a real database round trip plus the pool's counters."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.database import session_manager
+
+router = APIRouter(tags=["health"])
+
+# A health probe must answer even when the database hangs.
+HEALTH_TIMEOUT_SECONDS = 3.0
+
+
+def _pool_status() -> dict[str, Any]:
+    pool = session_manager.engine.pool
+    counters = ("size", "checkedin", "checkedout", "overflow")
+    # Not every pool class keeps these counters (NullPool, StaticPool do not).
+    status = {name: getattr(pool, name)() for name in counters if hasattr(pool, name)}
+    return {"class": type(pool).__name__, **status}
+
+
+async def _round_trip() -> None:
+    async with session_manager.engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+
+
+@router.get("/health")
+async def health() -> JSONResponse:
+    try:
+        await asyncio.wait_for(_round_trip(), HEALTH_TIMEOUT_SECONDS)
+    except (SQLAlchemyError, OSError, asyncio.TimeoutError) as error:
+        # The exception's class name only: its text may carry host names or SQL.
+        body = {"status": "unavailable", "database": type(error).__name__}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "ok", "database": "ok", "pool": _pool_status()})

@@ -1,0 +1,81 @@
+"""CRUD routes for items: the reference for writing route code on the package."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from app.database import AsyncSessionDep
+from app.models import Item
+from app.schemas import ItemCreate, ItemPage, ItemRead, ItemUpdate
+
+router = APIRouter(prefix="/items", tags=["items"])
+
+MAX_PAGE_SIZE = 100
+
+
+async def _get_or_404(db: AsyncSessionDep, item_id: int) -> Item:
+    item = await db.get(Item, item_id)
+    if item is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"item {item_id} not found")
+    return item
+
+
+async def _flush_or_409(db: AsyncSessionDep, name: str) -> None:
+    # The unique constraint, not a prior SELECT, decides: a SELECT would race.
+    # Raising rolls the whole request back (the dependency sees the exception).
+    try:
+        await db.flush()
+    except IntegrityError:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"an item named {name!r} already exists"
+        ) from None
+
+
+@router.get("")
+async def list_items(
+    db: AsyncSessionDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
+) -> ItemPage:
+    total = await db.scalar(select(func.count()).select_from(Item))
+    rows = await db.scalars(select(Item).order_by(Item.id).offset(offset).limit(limit))
+    return ItemPage(
+        items=[ItemRead.model_validate(item) for item in rows],
+        total=total or 0,
+        offset=offset,
+        limit=limit,
+    )
+
+
+@router.get("/{item_id}")
+async def get_item(db: AsyncSessionDep, item_id: int) -> ItemRead:
+    return ItemRead.model_validate(await _get_or_404(db, item_id))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_item(db: AsyncSessionDep, body: ItemCreate) -> ItemRead:
+    item = Item(name=body.name, description=body.description)
+    db.add(item)
+    await _flush_or_409(db, body.name)
+    # created_at is set by the server: load it while the session is still open.
+    await db.refresh(item)
+    return ItemRead.model_validate(item)
+
+
+@router.patch("/{item_id}")
+async def update_item(db: AsyncSessionDep, item_id: int, body: ItemUpdate) -> ItemRead:
+    item = await _get_or_404(db, item_id)
+    for field, value in body.model_dump(exclude_unset=True).items():
+        setattr(item, field, value)
+    await _flush_or_409(db, item.name)
+    return ItemRead.model_validate(item)
+
+
+@router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_item(db: AsyncSessionDep, item_id: int) -> Response:
+    await db.delete(await _get_or_404(db, item_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

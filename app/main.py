@@ -1,0 +1,31 @@
+"""The reference FastAPI service: lifespan wiring and routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import health, items
+from app.config import database_url
+from app.database import session_manager
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    session_manager.init(url=database_url())
+    try:
+        yield
+    finally:
+        await session_manager.close()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Items", lifespan=lifespan)
+    app.include_router(items.router)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()
