@@ -13,6 +13,7 @@ from ._errors import (
     DatabaseAlreadyInitializedError,
     DatabaseConfigError,
     DatabaseNotInitializedError,
+    TransactionAbortedError,
 )
 from ._manager import DatabaseSessionManager, session_manager
 
@@ -26,6 +27,7 @@ __all__ = [
     "DatabaseConfigError",
     "DatabaseNotInitializedError",
     "DatabaseSessionManager",
+    "TransactionAbortedError",
     "get_db",
     "session_manager",
 ]

@@ -16,3 +16,7 @@ class DatabaseConfigError(ValueError):
 
     Messages never contain the URL's password.
     """
+
+
+class TransactionAbortedError(RuntimeError):
+    """COMMIT was attempted after a statement in the same transaction had failed."""

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
 
 from ._config import engine_options, parse_async_url
 from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
+from ._guards import install_commit_guard
 
 
 class _State(enum.Enum):
@@ -54,6 +55,7 @@ class DatabaseSessionManager:
         parsed = parse_async_url(url)
         options = engine_options(engine_kwargs)
         engine = create_async_engine(parsed, **options)
+        install_commit_guard(engine.sync_engine)
         # expire_on_commit=False: attributes stay loaded after commit, so a route can
         # return a committed object without an implicit (and, in async, illegal) reload.
         self._sessionmaker = async_sessionmaker(engine, expire_on_commit=False)

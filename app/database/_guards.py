@@ -1,0 +1,52 @@
+"""Refuse to COMMIT a transaction in which a statement already failed.
+
+PostgreSQL aborts a transaction at its first error and answers a later COMMIT
+with a ROLLBACK, not an error. Code that catches a database error and carries
+on would otherwise report success (a 2xx) for work that was thrown away.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
+
+from ._errors import TransactionAbortedError
+
+# Kept in Connection.info, which belongs to the pooled DBAPI connection; it is
+# cleared whenever a transaction begins, so it never outlives one transaction.
+_FAILED = "app.database.statement_failed"
+
+
+def install_commit_guard(engine: Engine) -> None:
+    event.listen(engine, "begin", _forget_failure)
+    event.listen(engine, "rollback_savepoint", _forget_failure)
+    event.listen(engine, "handle_error", _remember_failure)
+    event.listen(engine, "commit", _refuse_failed_commit)
+
+
+def _forget_failure(connection: Connection, *_: Any) -> None:
+    # Rolling back to a savepoint taken before the error heals the transaction.
+    connection.info.pop(_FAILED, None)
+
+
+def _remember_failure(context: ExceptionContext) -> None:
+    connection = context.connection
+    if connection is not None and not context.is_disconnect and connection.in_transaction():
+        connection.info[_FAILED] = True
+
+
+def _refuse_failed_commit(connection: Connection) -> None:
+    if connection.info.pop(_FAILED, False):
+        # SQLAlchemy marks the transaction finished even when its commit raises, and
+        # then skips the pool's reset: end the aborted transaction here, or the next
+        # checkout would inherit it.
+        connection.engine.dialect.do_rollback(connection.connection)
+        raise TransactionAbortedError(
+            "a statement in this transaction failed and its error was caught, so the "
+            "database aborted the transaction and COMMIT would silently discard its "
+            "work: let the error propagate, or call `await session.rollback()` and "
+            "start again, or run the statement that may fail inside "
+            "`async with session.begin_nested():`"
+        )

@@ -1,0 +1,143 @@
+"""`session_manager.session()` on real PostgreSQL: commits are real, failures leave nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import asyncpg
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.engine import URL
+
+from app.database import (
+    DatabaseNotInitializedError,
+    DatabaseSessionManager,
+    TransactionAbortedError,
+)
+from app.models import Item
+
+
+async def _names(observer: asyncpg.Connection) -> list[str]:
+    rows = await observer.fetch("SELECT name FROM items ORDER BY id")
+    return [row["name"] for row in rows]
+
+
+async def test_batch_write_without_commit_call_persists(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """The seed's batch example never calls commit(): the write is still committed."""
+    async with committed_db.session() as db:
+        db.add(Item(name="batch"))
+
+    assert await _names(observer) == ["batch"]
+
+
+async def test_work_after_an_explicit_commit_is_committed_too(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """Writes made after an explicit commit() inside the block are not dropped."""
+    async with committed_db.session() as db:
+        db.add(Item(name="first"))
+        await db.commit()
+        db.add(Item(name="second"))
+
+    assert await _names(observer) == ["first", "second"]
+
+
+async def test_exception_rolls_back_and_propagates(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """An exception in the block rolls the unit of work back and is re-raised."""
+    with pytest.raises(LookupError, match="boom"):
+        async with committed_db.session() as db:
+            db.add(Item(name="doomed"))
+            await db.flush()
+            raise LookupError("boom")
+
+    assert await _names(observer) == []
+    assert committed_db.engine.pool.checkedout() == 0
+
+
+async def test_cancellation_rolls_back_and_returns_the_connection(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """A task cancelled mid-unit-of-work writes nothing and leaves no open transaction."""
+    flushed = asyncio.Event()
+
+    async def unit_of_work() -> None:
+        async with committed_db.session() as db:
+            db.add(Item(name="cancelled"))
+            await db.flush()
+            flushed.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(unit_of_work())
+    await flushed.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await _names(observer) == []
+    assert committed_db.engine.pool.checkedout() == 0
+    idle_in_transaction = await observer.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+    )
+    assert idle_in_transaction == 0
+
+
+async def test_failed_statement_fails_the_unit_of_work(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """A swallowed database error cannot end in a silent commit of nothing."""
+    with pytest.raises(TransactionAbortedError, match=re.escape("begin_nested()")):
+        async with committed_db.session() as db:
+            db.add(Item(name="before-error"))
+            await db.flush()
+            try:
+                await db.execute(text("SELECT 1/0"))
+            except Exception:  # the mistake under test: a route swallowing the error
+                pass
+
+    assert await _names(observer) == []
+    # The refused commit must not hand an aborted transaction to the next user.
+    async with committed_db.session() as db:
+        db.add(Item(name="next-unit"))
+    assert await _names(observer) == ["next-unit"]
+
+
+async def test_close_refuses_new_sessions_and_init_reopens(database_url: URL) -> None:
+    """After close() session() fails clearly; init() then opens a working engine again."""
+    manager = DatabaseSessionManager()
+    manager.init(url=database_url)
+    async with manager.session() as db:
+        assert await db.scalar(select(1)) == 1
+    await manager.close()
+
+    with pytest.raises(DatabaseNotInitializedError, match="is closed"):
+        async with manager.session():
+            pass
+
+    manager.init(url=database_url)
+    try:
+        async with manager.session() as db:
+            assert await db.scalar(select(1)) == 1
+    finally:
+        await manager.close()
+
+
+async def test_error_healed_by_a_savepoint_still_commits(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """A failure rolled back to its savepoint leaves the rest of the work committable."""
+    async with committed_db.session() as db:
+        db.add(Item(name="kept"))
+        await db.flush()
+        try:
+            async with db.begin_nested():
+                await db.execute(text("SELECT 1/0"))
+        except Exception:  # the documented recovery: the savepoint absorbs the failure
+            pass
+
+    assert await _names(observer) == ["kept"]
