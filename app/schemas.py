@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from typing_extensions import Self
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import Self
 
 from app.models import DESCRIPTION_MAX_LENGTH, NAME_MAX_LENGTH
 

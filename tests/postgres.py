@@ -7,6 +7,9 @@ import os
 import asyncpg
 import pytest
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import QueuePool
+
+from app.database import DatabaseSessionManager
 
 DEFAULT_TEST_DATABASE_URL = (
     f"postgresql+asyncpg://postgres@127.0.0.1:5432/app_database_test_{os.getpid()}"
@@ -59,3 +62,10 @@ async def drop_database(url: URL, name: str) -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+def checked_out(manager: DatabaseSessionManager) -> int:
+    """How many of the manager's pooled connections are in use right now."""
+    pool = manager.engine.pool
+    assert isinstance(pool, QueuePool), f"expected a QueuePool, got {type(pool).__name__}"
+    return pool.checkedout()

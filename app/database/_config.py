@@ -36,9 +36,18 @@ def parse_async_url(url: object) -> URL:
     if isinstance(url, URL):
         parsed = url
     elif isinstance(url, str):
+        if url.count("@") > 1:
+            # An unescaped '@' (or '/') in the password shifts its tail into the host or
+            # database name, from where it would reach DNS errors and server logs.
+            raise DatabaseConfigError(
+                "database URL has more than one '@', which usually means the password "
+                "contains unescaped special characters: percent-encode it "
+                "(urllib.parse.quote(password, safe='')) or build the URL with "
+                "sqlalchemy.URL.create(...)"
+            )
         try:
             parsed = make_url(url)
-        except ArgumentError:
+        except (ArgumentError, ValueError):
             # `from None`: older SQLAlchemy versions echoed the whole URL in the cause.
             raise DatabaseConfigError(
                 "database URL could not be parsed: expected a URL such as "
@@ -66,15 +75,7 @@ def parse_async_url(url: object) -> URL:
         ) from None
     if not dialect.get_async_dialect_cls(parsed).is_async:
         raise DatabaseConfigError(
-            f"driver '{driver}' is synchronous and cannot be used with asyncio: "
-            f"use '{suggestion}'"
-        )
-    if parsed.host is not None and "@" in parsed.host:
-        raise DatabaseConfigError(
-            "database URL has an '@' in its host part, which usually means the password "
-            "contains an unescaped '@': percent-encode the password "
-            "(urllib.parse.quote(password, safe='')) or build the URL with "
-            "sqlalchemy.URL.create(...)"
+            f"driver '{driver}' is synchronous and cannot be used with asyncio: use '{suggestion}'"
         )
     if "password" in parsed.query:
         raise DatabaseConfigError(
@@ -87,8 +88,12 @@ def parse_async_url(url: object) -> URL:
 def engine_options(overrides: dict[str, Any]) -> dict[str, Any]:
     """Merge the caller's engine options over the defaults and check the pool sizes."""
     for name, minimum, hint in (
-        ("pool_size", 1, "0 would mean an unbounded pool; to disable pooling pass "
-         "poolclass=sqlalchemy.pool.NullPool"),
+        (
+            "pool_size",
+            1,
+            "0 would mean an unbounded pool; to disable pooling pass "
+            "poolclass=sqlalchemy.pool.NullPool",
+        ),
         ("max_overflow", -1, "-1 means no limit on overflow connections"),
     ):
         value = overrides.get(name, minimum)

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.database import DatabaseSessionManager, get_db, session_manager
 from app.main import create_app
 from tests.paths import REPO_ROOT
-from tests.postgres import asyncpg_dsn, create_database, drop_database, url_under_test
+from tests.postgres import asyncpg_dsn, checked_out, create_database, drop_database, url_under_test
 
 
 def _upgrade_to_head(connection: Connection) -> None:
@@ -102,7 +102,7 @@ async def committed_db_fixture(
 ) -> AsyncIterator[DatabaseSessionManager]:
     """The real `session_manager` for tests that commit; their rows are removed after."""
     yield database
-    assert database.engine.pool.checkedout() == 0, "a test left a connection checked out"
+    assert checked_out(database) == 0, "a test left a connection checked out"
     async with database.engine.begin() as connection:
         await connection.execute(text("TRUNCATE items RESTART IDENTITY CASCADE"))
 

@@ -53,9 +53,7 @@ def _timing_app() -> FastAPI:
         return {"id": child_id}
 
     @app.post("/request-scoped/orphans/{child_id}", status_code=201)
-    async def add_orphan_request_scoped(
-        db: RequestScopedSession, child_id: int
-    ) -> dict[str, int]:
+    async def add_orphan_request_scoped(db: RequestScopedSession, child_id: int) -> dict[str, int]:
         await db.execute(text("INSERT INTO timing_child VALUES (:id, -1)"), {"id": child_id})
         return {"id": child_id}
 

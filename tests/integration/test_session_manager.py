@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 import asyncpg
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 from app.database import (
     DatabaseNotInitializedError,
@@ -16,6 +18,7 @@ from app.database import (
     TransactionAbortedError,
 )
 from app.models import Item
+from tests.postgres import checked_out
 
 
 async def _names(observer: asyncpg.Connection) -> list[str]:
@@ -56,7 +59,7 @@ async def test_exception_rolls_back_and_propagates(
             raise LookupError("boom")
 
     assert await _names(observer) == []
-    assert committed_db.engine.pool.checkedout() == 0
+    assert checked_out(committed_db) == 0
 
 
 async def test_cancellation_rolls_back_and_returns_the_connection(
@@ -79,7 +82,7 @@ async def test_cancellation_rolls_back_and_returns_the_connection(
         await task
 
     assert await _names(observer) == []
-    assert committed_db.engine.pool.checkedout() == 0
+    assert checked_out(committed_db) == 0
     idle_in_transaction = await observer.fetchval(
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
@@ -95,10 +98,9 @@ async def test_failed_statement_fails_the_unit_of_work(
         async with committed_db.session() as db:
             db.add(Item(name="before-error"))
             await db.flush()
-            try:
+            # The mistake under test: route code swallowing a database error.
+            with contextlib.suppress(DBAPIError):
                 await db.execute(text("SELECT 1/0"))
-            except Exception:  # the mistake under test: a route swallowing the error
-                pass
 
     assert await _names(observer) == []
     # The refused commit must not hand an aborted transaction to the next user.
@@ -134,10 +136,9 @@ async def test_error_healed_by_a_savepoint_still_commits(
     async with committed_db.session() as db:
         db.add(Item(name="kept"))
         await db.flush()
-        try:
+        # The documented recovery: the savepoint absorbs the failure.
+        with contextlib.suppress(DBAPIError):
             async with db.begin_nested():
                 await db.execute(text("SELECT 1/0"))
-        except Exception:  # the documented recovery: the savepoint absorbs the failure
-            pass
 
     assert await _names(observer) == ["kept"]

@@ -1,0 +1,131 @@
+"""The manager's lifecycle (new, open, closed): every illegal move has a clear error."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from app.database import (
+    DatabaseAlreadyInitializedError,
+    DatabaseNotInitializedError,
+    DatabaseSessionManager,
+    get_db,
+)
+
+# Nothing connects until the first session, so these tests need no server.
+URL = "postgresql+asyncpg://app@127.0.0.1:1/never_connected"
+INIT_HINT = "call `session_manager.init(url=...)` at start-up"
+
+
+@pytest.fixture(name="manager")
+def manager_fixture() -> DatabaseSessionManager:
+    """A fresh manager, independent of the app's singleton."""
+    return DatabaseSessionManager()
+
+
+async def test_session_before_init_names_the_fix(manager: DatabaseSessionManager) -> None:
+    """session() before init() raises a RuntimeError that says to call init()."""
+    with pytest.raises(DatabaseNotInitializedError, match=re.escape(INIT_HINT)):
+        async with manager.session():
+            pass
+    assert issubclass(DatabaseNotInitializedError, RuntimeError)
+
+
+def test_engine_before_init_names_the_fix(manager: DatabaseSessionManager) -> None:
+    """The engine property before init() raises the same clear error."""
+    with pytest.raises(DatabaseNotInitializedError, match=re.escape(INIT_HINT)):
+        _ = manager.engine
+
+
+async def test_get_db_before_init_names_the_fix() -> None:
+    """The FastAPI dependency, used before the lifespan ran init(), names the fix."""
+    dependency = get_db()
+    with pytest.raises(DatabaseNotInitializedError, match=re.escape(INIT_HINT)):
+        await anext(dependency)
+
+
+async def test_init_sets_the_documented_defaults(manager: DatabaseSessionManager) -> None:
+    """init() creates an engine with pre-ping and hourly recycling, sessions keep state."""
+    manager.init(url=URL)
+    try:
+        engine = manager.engine
+        assert isinstance(engine, AsyncEngine)
+        assert engine.pool._pre_ping is True
+        assert engine.pool._recycle == 3600
+        async with manager.session() as session:
+            assert isinstance(session, AsyncSession)
+            assert session.sync_session.expire_on_commit is False
+    finally:
+        await manager.close()
+
+
+async def test_engine_options_override_the_defaults(manager: DatabaseSessionManager) -> None:
+    """Keyword arguments to init() reach create_async_engine and win over defaults."""
+    manager.init(url=URL, pool_pre_ping=False, pool_recycle=60, pool_size=3)
+    try:
+        pool = manager.engine.pool
+        assert (pool._pre_ping, pool._recycle, pool.size()) == (False, 60, 3)  # type: ignore[attr-defined]  # QueuePool's size()
+    finally:
+        await manager.close()
+
+
+async def test_init_twice_says_to_close_first(manager: DatabaseSessionManager) -> None:
+    """A second init() on an open manager is refused and keeps the first engine."""
+    manager.init(url=URL)
+    first = manager.engine
+    try:
+        with pytest.raises(DatabaseAlreadyInitializedError, match=re.escape("close()")):
+            manager.init(url=URL)
+        assert manager.engine is first
+    finally:
+        await manager.close()
+
+
+async def test_close_is_idempotent_and_allowed_before_init(
+    manager: DatabaseSessionManager,
+) -> None:
+    """close() before init() and twice after it does nothing and raises nothing."""
+    await manager.close()
+    manager.init(url=URL)
+    await manager.close()
+    await manager.close()
+
+
+async def test_session_after_close_says_closed(manager: DatabaseSessionManager) -> None:
+    """After close(), session() fails and says how to reopen."""
+    manager.init(url=URL)
+    await manager.close()
+
+    with pytest.raises(DatabaseNotInitializedError, match="is closed"):
+        async with manager.session():
+            pass
+    with pytest.raises(DatabaseNotInitializedError, match="is closed"):
+        _ = manager.engine
+
+
+async def test_init_after_close_opens_a_new_engine(manager: DatabaseSessionManager) -> None:
+    """init() works again after close(), with a new engine."""
+    manager.init(url=URL)
+    first = manager.engine
+    await manager.close()
+
+    manager.init(url=URL)
+    try:
+        assert manager.engine is not first
+    finally:
+        await manager.close()
+
+
+async def test_repr_shows_state_without_password(manager: DatabaseSessionManager) -> None:
+    """The repr tells the state, and the URL with its password masked."""
+    assert repr(manager) == "<DatabaseSessionManager new>"
+    manager.init(url="postgresql+asyncpg://app:hunter2@db:5432/app")
+    try:
+        assert repr(manager) == (
+            "<DatabaseSessionManager open url='postgresql+asyncpg://app:***@db:5432/app'>"
+        )
+    finally:
+        await manager.close()
+    assert repr(manager) == "<DatabaseSessionManager closed>"

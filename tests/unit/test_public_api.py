@@ -1,0 +1,66 @@
+"""The package's public surface: exactly the documented names, and typed."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import get_args
+
+import fastapi
+import pytest
+from fastapi.params import Depends
+from packaging.version import Version
+from sqlalchemy.ext.asyncio import AsyncSession
+
+import app.database
+
+DOCUMENTED_NAMES = [
+    "AsyncSessionDep",
+    "Base",
+    "DatabaseAlreadyInitializedError",
+    "DatabaseConfigError",
+    "DatabaseNotInitializedError",
+    "DatabaseSessionManager",
+    "TransactionAbortedError",
+    "get_db",
+    "session_manager",
+]
+
+
+def test_all_lists_exactly_the_documented_names_sorted() -> None:
+    """`__all__` is sorted and names exactly the documented public API."""
+    assert app.database.__all__ == sorted(app.database.__all__)
+    assert app.database.__all__ == DOCUMENTED_NAMES
+
+
+def test_every_public_name_resolves() -> None:
+    """Each name in `__all__`, including the lazily loaded ones, can be imported."""
+    for name in app.database.__all__:
+        assert getattr(app.database, name) is not None
+
+
+def test_unknown_attribute_raises_attribute_error() -> None:
+    """The lazy loader does not swallow typos."""
+    with pytest.raises(AttributeError, match="get_dbb"):
+        _ = app.database.get_dbb
+
+
+def test_package_ships_py_typed() -> None:
+    """Type checkers see the package's annotations once it is copied."""
+    assert (Path(app.database.__file__).parent / "py.typed").is_file()
+
+
+def test_session_dependency_runs_in_function_scope() -> None:
+    """AsyncSessionDep commits before the response: its Depends has scope="function"."""
+    annotated_type, dependency = get_args(app.database.AsyncSessionDep)
+
+    assert annotated_type is AsyncSession
+    assert isinstance(dependency, Depends)
+    assert dependency.dependency is app.database.get_db
+    assert dependency.scope == "function"
+
+
+def test_installed_fastapi_supports_function_scope() -> None:
+    """FastAPI 0.121.1 is the first release where scope="function" dependencies are sound."""
+    assert Version(fastapi.__version__) >= Version("0.121.1")
+    assert Version(importlib.metadata.version("sqlalchemy")) >= Version("2.0.41")

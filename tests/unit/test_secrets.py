@@ -1,0 +1,86 @@
+"""A password never appears in an exception, a repr or a log line."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+import urllib.parse
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.engine import URL
+
+from app.database import DatabaseConfigError, DatabaseSessionManager
+
+CANARY = "Cn4ry-7f3a:p@ss/w%rd#?"
+# Every spelling of the canary a URL could carry it in.
+SPELLINGS = {
+    CANARY,
+    urllib.parse.quote(CANARY),
+    urllib.parse.quote(CANARY, safe=""),
+    urllib.parse.quote_plus(CANARY),
+    "Cn4ry-7f3a",
+}
+ENCODED = urllib.parse.quote(CANARY, safe="")
+
+
+def _exception_texts(error: BaseException) -> Iterator[str]:
+    yield "".join(traceback.format_exception(error))
+    seen: BaseException | None = error
+    while seen is not None:
+        yield str(seen)
+        yield repr(seen)
+        yield repr(seen.args)
+        seen = seen.__cause__ or seen.__context__
+
+
+def _assert_no_canary(texts: Iterator[str] | list[str]) -> None:
+    for text in texts:
+        for spelling in SPELLINGS:
+            assert spelling not in text, f"password leaked: {text!r}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # unescaped '@' and '/' in the password: the parser sees a host with '@' in it
+        f"postgresql+asyncpg://app:{CANARY}@db:5432/app",
+        f"postgresql+psycopg2://app:{ENCODED}@db/app",
+        f"postgresql://app:{ENCODED}@db/app",
+        f"postgresql+asyncpg://app@db:5432/app?password={ENCODED}",
+        f"postgresql+asyncpg://app:{ENCODED}@db:notaport/app",
+        f"nosuchdb+driver://app:{ENCODED}@db/app",
+    ],
+)
+def test_refused_urls_do_not_echo_the_password(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Every refusal of a URL carrying the canary password leaves it out of all text."""
+    caplog.set_level(logging.DEBUG)
+    manager = DatabaseSessionManager()
+
+    with pytest.raises(DatabaseConfigError) as caught:
+        manager.init(url=url)
+
+    _assert_no_canary(_exception_texts(caught.value))
+    _assert_no_canary([repr(manager), caplog.text])
+
+
+async def test_connection_failure_does_not_echo_the_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refused connection, logged at DEBUG with echo on, never shows the password."""
+    caplog.set_level(logging.DEBUG)
+    manager = DatabaseSessionManager()
+    url = URL.create(
+        "postgresql+asyncpg", username="app", password=CANARY, host="127.0.0.1", port=1
+    )
+    manager.init(url=url, echo=True, echo_pool="debug", connect_args={"timeout": 2})
+    try:
+        _assert_no_canary([repr(manager), repr(manager.engine), str(manager.engine.url)])
+        with pytest.raises(OSError, match="Connect call failed") as caught:
+            async with manager.session() as db:
+                await db.connection()
+    finally:
+        await manager.close()
+
+    _assert_no_canary(_exception_texts(caught.value))
+    _assert_no_canary([caplog.text])
