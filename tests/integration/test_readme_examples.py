@@ -24,7 +24,7 @@ READMES = [REPO_ROOT / "README.md", REPO_ROOT / "app" / "database" / "README.md"
 EXAMPLE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/app"
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
-DRIVER = '''
+DRIVER = """
 
 async def _drive_example() -> None:
     import httpx
@@ -55,7 +55,7 @@ async def _drive_example() -> None:
 import asyncio as _asyncio
 
 _asyncio.run(_drive_example())
-'''
+"""
 
 
 def _examples() -> list[tuple[str, str]]:

@@ -7,6 +7,7 @@ import re
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+import app.database._fastapi
 from app.database import (
     DatabaseAlreadyInitializedError,
     DatabaseNotInitializedError,
@@ -39,8 +40,12 @@ def test_engine_before_init_names_the_fix(manager: DatabaseSessionManager) -> No
         _ = manager.engine
 
 
-async def test_get_db_before_init_names_the_fix() -> None:
+async def test_get_db_before_init_names_the_fix(
+    manager: DatabaseSessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The FastAPI dependency, used before the lifespan ran init(), names the fix."""
+    # The integration fixtures keep the app's singleton open: stand in a fresh one.
+    monkeypatch.setattr(app.database._fastapi, "session_manager", manager)
     dependency = get_db()
     with pytest.raises(DatabaseNotInitializedError, match=re.escape(INIT_HINT)):
         await anext(dependency)

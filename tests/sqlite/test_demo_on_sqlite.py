@@ -1,0 +1,210 @@
+"""The embedded SQLite default, which `make demo` runs on with nothing installed.
+
+These tests use no PostgreSQL fixtures: each gets its own SQLite file. The
+reference app's lifespan opens the module-level `session_manager`, which the
+integration suite keeps open on PostgreSQL in the same process, so every module
+that looks it up at request time is pointed at a private manager for the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+
+import app.database._fastapi
+import app.health
+import app.main
+from app.config import DEFAULT_DATABASE_URL, database_url
+from app.database import DatabaseSessionManager, session_manager
+from tests.paths import REPO_ROOT
+
+
+def _alembic_config() -> Config:
+    return Config(REPO_ROOT / "alembic.ini")
+
+
+def _upgrade_head(connection: Connection) -> None:
+    config = _alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _table_names(connection: Connection) -> list[str]:
+    return inspect(connection).get_table_names()
+
+
+@pytest.fixture(name="sqlite_url")
+def sqlite_url_fixture(tmp_path: Path) -> str:
+    """A URL for an SQLite file that does not exist yet, private to the test."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'demo.sqlite3'}"
+
+
+@pytest.fixture(name="client")
+async def client_fixture(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for the reference app, running its real lifespan on a migrated SQLite file."""
+    migrator = DatabaseSessionManager()
+    migrator.init(url=sqlite_url)
+    try:
+        async with migrator.engine.begin() as connection:
+            await connection.run_sync(_upgrade_head)
+    finally:
+        await migrator.close()
+
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    manager = DatabaseSessionManager()
+    # Every module that reads `session_manager` when a request or the lifespan runs.
+    for module in (app.main, app.health, app.database._fastapi):
+        monkeypatch.setattr(module, "session_manager", manager)
+    global_state = repr(session_manager)
+
+    application = app.main.create_app()
+    async with application.router.lifespan_context(application):
+        assert "open" in repr(manager), "the lifespan did not open the session manager"
+        assert manager.engine.dialect.name == "sqlite"
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+    assert "closed" in repr(manager), "the lifespan did not close the session manager"
+    assert repr(session_manager) == global_state, "the test touched the global manager"
+
+
+async def _create(client: httpx.AsyncClient, name: str, description: str | None = None) -> int:
+    response = await client.post("/items", json={"name": name, "description": description})
+    assert response.status_code == 201, response.text
+    item_id: int = response.json()["id"]
+    return item_id
+
+
+async def test_alembic_cli_upgrades_an_sqlite_file(sqlite_url: str) -> None:
+    """`alembic upgrade head` with DATABASE_URL on SQLite creates items and records head."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "alembic",
+        "upgrade",
+        "head",
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATABASE_URL": sqlite_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, output.decode(errors="replace")
+
+    manager = DatabaseSessionManager()
+    manager.init(url=sqlite_url)
+    try:
+        async with manager.engine.connect() as connection:
+            assert "items" in await connection.run_sync(_table_names)
+            version = await connection.scalar(text("SELECT version_num FROM alembic_version"))
+    finally:
+        await manager.close()
+    assert version == ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+async def test_create_then_get_returns_the_item(client: httpx.AsyncClient) -> None:
+    """A created item is returned by GET with its server-set fields."""
+    item_id = await _create(client, "hammer", "claw")
+
+    response = await client.get(f"/items/{item_id}")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["name"], body["description"]) == ("hammer", "claw")
+    assert body["created_at"]
+
+
+async def test_create_duplicate_name_is_409_and_keeps_the_first(
+    client: httpx.AsyncClient,
+) -> None:
+    """A second item with the same name answers 409 and the first is unchanged."""
+    first = await _create(client, "saw", "first")
+
+    response = await client.post("/items", json={"name": "saw", "description": "second"})
+
+    assert response.status_code == 409
+    assert "already exists" in response.json()["detail"]
+    assert (await client.get(f"/items/{first}")).json()["description"] == "first"
+
+
+async def test_list_paginates_in_id_order(client: httpx.AsyncClient) -> None:
+    """offset and limit page through items in creation order, with the total."""
+    for n in range(5):
+        await _create(client, f"item-{n}")
+
+    response = await client.get("/items", params={"offset": 1, "limit": 2})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert [item["name"] for item in body["items"]] == ["item-1", "item-2"]
+    assert (body["total"], body["offset"], body["limit"]) == (5, 1, 2)
+
+
+async def test_patch_changes_only_given_fields(client: httpx.AsyncClient) -> None:
+    """PATCH updates the fields present in the body and keeps the others."""
+    item_id = await _create(client, "drill", "cordless")
+
+    response = await client.patch(f"/items/{item_id}", json={"description": "corded"})
+
+    assert response.status_code == 200
+    assert (response.json()["name"], response.json()["description"]) == ("drill", "corded")
+    assert (await client.get(f"/items/{item_id}")).json()["description"] == "corded"
+
+
+async def test_patch_to_an_existing_name_is_409_and_changes_nothing(
+    client: httpx.AsyncClient,
+) -> None:
+    """Renaming onto another item's name answers 409 and rolls the change back."""
+    await _create(client, "nail")
+    screw = await _create(client, "screw", "wood")
+
+    response = await client.patch(f"/items/{screw}", json={"name": "nail", "description": "x"})
+
+    assert response.status_code == 409
+    body = (await client.get(f"/items/{screw}")).json()
+    assert (body["name"], body["description"]) == ("screw", "wood")
+
+
+async def test_delete_removes_the_item(client: httpx.AsyncClient) -> None:
+    """DELETE answers 204, after which the item is gone and a second DELETE is 404."""
+    item_id = await _create(client, "glue")
+
+    assert (await client.delete(f"/items/{item_id}")).status_code == 204
+    assert (await client.get(f"/items/{item_id}")).status_code == 404
+    assert (await client.delete(f"/items/{item_id}")).status_code == 404
+
+
+async def test_health_is_ok_on_sqlite(client: httpx.AsyncClient) -> None:
+    """GET /health makes a real round trip to the SQLite file and answers 200."""
+    response = await client.get("/health")
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_database_url_defaults_to_sqlite(
+    monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    """Without a usable DATABASE_URL the service runs on the embedded SQLite file."""
+    if value is None:
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+    else:
+        monkeypatch.setenv("DATABASE_URL", value)
+
+    assert database_url() == DEFAULT_DATABASE_URL
+    assert DEFAULT_DATABASE_URL.startswith("sqlite+aiosqlite:///")
