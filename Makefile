@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-from-lock
 PORT ?= 8000
 
-.PHONY: venv demo lint test clean lock
+.PHONY: venv demo lint test test-sqlalchemy-2.0 clean lock
 
 venv: $(STAMP)
 
@@ -27,6 +27,17 @@ lint: venv
 test: lint
 	$(BIN)/pytest
 
+# The same suite on SQLAlchemy 2.0, in a venv of its own.
+VENV20 := .venv-sqlalchemy-2.0
+$(VENV20)/.installed: requirements.lock requirements-sqlalchemy-2.0.txt
+	$(PYTHON) -m venv $(VENV20)
+	$(VENV20)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(VENV20)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-sqlalchemy-2.0.txt
+	touch $@
+
+test-sqlalchemy-2.0: $(VENV20)/.installed
+	$(VENV20)/bin/pytest
+
 # Re-pin every dependency to the newest allowed versions (needs the registry).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -37,4 +48,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV20) .mypy_cache .pytest_cache .ruff_cache

@@ -18,7 +18,7 @@ from typing import Any, Generic, TextIO, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import insert, select
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError
 from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type hints
 
 from app.config import database_url
@@ -173,7 +173,9 @@ async def write(rows: Sequence[ValidRow], batch_size: int) -> int:
         for batch in batches:
             try:
                 await _insert_batch(batch)
-            except (ImportFailed, SQLAlchemyError, OSError) as exc:
+            # Exception, not SQLAlchemyError: under SQLAlchemy 2.0 asyncpg's errors at
+            # connect time (e.g. an unknown database) arrive unwrapped.
+            except Exception as exc:
                 reason = str(exc) if isinstance(exc, ImportFailed) else _database_error(batch, exc)
                 raise ImportFailed(f"{reason}\n{_committed_note(rows[:committed])}") from None
             committed += len(batch)

@@ -8,7 +8,6 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 
 from app.database import session_manager
 
@@ -35,7 +34,9 @@ async def _round_trip() -> None:
 async def health() -> JSONResponse:
     try:
         await asyncio.wait_for(_round_trip(), HEALTH_TIMEOUT_SECONDS)
-    except (SQLAlchemyError, OSError, asyncio.TimeoutError) as error:
+    # Any failure means "unavailable": drivers differ in what they raise (under
+    # SQLAlchemy 2.0 asyncpg's connect errors arrive unwrapped).
+    except Exception as error:
         # The exception's class name only: its text may carry host names or SQL.
         body = {"status": "unavailable", "database": type(error).__name__}
         return JSONResponse(body, status_code=503)
