@@ -27,6 +27,7 @@ import app.health
 import app.main
 from app.config import DEFAULT_DATABASE_URL, database_url
 from app.database import DatabaseSessionManager, session_manager
+from tests.item_routes import *  # noqa: F403  (pytest collects the imported tests)
 from tests.paths import REPO_ROOT
 
 
@@ -82,13 +83,6 @@ async def client_fixture(
     assert repr(session_manager) == global_state, "the test touched the global manager"
 
 
-async def _create(client: httpx.AsyncClient, name: str, description: str | None = None) -> int:
-    response = await client.post("/items", json={"name": name, "description": description})
-    assert response.status_code == 201, response.text
-    item_id: int = response.json()["id"]
-    return item_id
-
-
 async def test_alembic_cli_upgrades_an_sqlite_file(sqlite_url: str) -> None:
     """`alembic upgrade head` with DATABASE_URL on SQLite creates items and records head."""
     process = await asyncio.create_subprocess_exec(
@@ -114,78 +108,6 @@ async def test_alembic_cli_upgrades_an_sqlite_file(sqlite_url: str) -> None:
     finally:
         await manager.close()
     assert version == ScriptDirectory.from_config(_alembic_config()).get_current_head()
-
-
-async def test_create_then_get_returns_the_item(client: httpx.AsyncClient) -> None:
-    """A created item is returned by GET with its server-set fields."""
-    item_id = await _create(client, "hammer", "claw")
-
-    response = await client.get(f"/items/{item_id}")
-
-    assert response.status_code == 200
-    body = response.json()
-    assert (body["name"], body["description"]) == ("hammer", "claw")
-    assert body["created_at"]
-
-
-async def test_create_duplicate_name_is_409_and_keeps_the_first(
-    client: httpx.AsyncClient,
-) -> None:
-    """A second item with the same name answers 409 and the first is unchanged."""
-    first = await _create(client, "saw", "first")
-
-    response = await client.post("/items", json={"name": "saw", "description": "second"})
-
-    assert response.status_code == 409
-    assert "already exists" in response.json()["detail"]
-    assert (await client.get(f"/items/{first}")).json()["description"] == "first"
-
-
-async def test_list_paginates_in_id_order(client: httpx.AsyncClient) -> None:
-    """offset and limit page through items in creation order, with the total."""
-    for n in range(5):
-        await _create(client, f"item-{n}")
-
-    response = await client.get("/items", params={"offset": 1, "limit": 2})
-
-    assert response.status_code == 200
-    body = response.json()
-    assert [item["name"] for item in body["items"]] == ["item-1", "item-2"]
-    assert (body["total"], body["offset"], body["limit"]) == (5, 1, 2)
-
-
-async def test_patch_changes_only_given_fields(client: httpx.AsyncClient) -> None:
-    """PATCH updates the fields present in the body and keeps the others."""
-    item_id = await _create(client, "drill", "cordless")
-
-    response = await client.patch(f"/items/{item_id}", json={"description": "corded"})
-
-    assert response.status_code == 200
-    assert (response.json()["name"], response.json()["description"]) == ("drill", "corded")
-    assert (await client.get(f"/items/{item_id}")).json()["description"] == "corded"
-
-
-async def test_patch_to_an_existing_name_is_409_and_changes_nothing(
-    client: httpx.AsyncClient,
-) -> None:
-    """Renaming onto another item's name answers 409 and rolls the change back."""
-    await _create(client, "nail")
-    screw = await _create(client, "screw", "wood")
-
-    response = await client.patch(f"/items/{screw}", json={"name": "nail", "description": "x"})
-
-    assert response.status_code == 409
-    body = (await client.get(f"/items/{screw}")).json()
-    assert (body["name"], body["description"]) == ("screw", "wood")
-
-
-async def test_delete_removes_the_item(client: httpx.AsyncClient) -> None:
-    """DELETE answers 204, after which the item is gone and a second DELETE is 404."""
-    item_id = await _create(client, "glue")
-
-    assert (await client.delete(f"/items/{item_id}")).status_code == 204
-    assert (await client.get(f"/items/{item_id}")).status_code == 404
-    assert (await client.delete(f"/items/{item_id}")).status_code == 404
 
 
 async def test_health_is_ok_on_sqlite(client: httpx.AsyncClient) -> None:
