@@ -19,7 +19,7 @@ from typing import Any, Generic, TextIO, TypeVar
 from pydantic import ValidationError
 from sqlalchemy import insert, select
 from sqlalchemy.exc import DBAPIError
-from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type hints
+from tqdm import tqdm
 
 from app.config import database_url
 from app.database import DatabaseConfigError, session_manager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -15,6 +15,8 @@ from app.schemas import ItemCreate, ItemPage, ItemRead, ItemUpdate
 router = APIRouter(prefix="/items", tags=["items"])
 
 MAX_PAGE_SIZE = 100
+# The id column is a 32-bit integer: a larger id is a client error (422), not a 500.
+ItemId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 async def _get_or_404(db: AsyncSessionDep, item_id: int) -> Item:
@@ -38,9 +40,10 @@ async def _flush_or_409(db: AsyncSessionDep, name: str) -> None:
 @router.get("")
 async def list_items(
     db: AsyncSessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 20,
 ) -> ItemPage:
+    """A page of items in id order, with the total count."""
     total = await db.scalar(select(func.count()).select_from(Item))
     rows = await db.scalars(select(Item).order_by(Item.id).offset(offset).limit(limit))
     return ItemPage(
@@ -52,12 +55,14 @@ async def list_items(
 
 
 @router.get("/{item_id}")
-async def get_item(db: AsyncSessionDep, item_id: int) -> ItemRead:
+async def get_item(db: AsyncSessionDep, item_id: ItemId) -> ItemRead:
+    """One item by id."""
     return ItemRead.model_validate(await _get_or_404(db, item_id))
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 async def create_item(db: AsyncSessionDep, body: ItemCreate) -> ItemRead:
+    """Create an item; names are unique."""
     item = Item(name=body.name, description=body.description)
     db.add(item)
     await _flush_or_409(db, body.name)
@@ -67,7 +72,8 @@ async def create_item(db: AsyncSessionDep, body: ItemCreate) -> ItemRead:
 
 
 @router.patch("/{item_id}")
-async def update_item(db: AsyncSessionDep, item_id: int, body: ItemUpdate) -> ItemRead:
+async def update_item(db: AsyncSessionDep, item_id: ItemId, body: ItemUpdate) -> ItemRead:
+    """Change the fields given in the body; the others keep their value."""
     item = await _get_or_404(db, item_id)
     for field, value in body.model_dump(exclude_unset=True).items():
         setattr(item, field, value)
@@ -76,6 +82,7 @@ async def update_item(db: AsyncSessionDep, item_id: int, body: ItemUpdate) -> It
 
 
 @router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_item(db: AsyncSessionDep, item_id: int) -> Response:
+async def delete_item(db: AsyncSessionDep, item_id: ItemId) -> Response:
+    """Delete an item."""
     await db.delete(await _get_or_404(db, item_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)

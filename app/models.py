@@ -14,6 +14,8 @@ DESCRIPTION_MAX_LENGTH = 1000
 
 
 class Item(Base):
+    """A named thing in the catalogue; the name is unique."""
+
     __tablename__ = "items"
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -9,11 +9,15 @@ from typing_extensions import Self
 
 from app.models import DESCRIPTION_MAX_LENGTH, NAME_MAX_LENGTH
 
-Name = Field(min_length=1, max_length=NAME_MAX_LENGTH)
-Description = Field(default=None, max_length=DESCRIPTION_MAX_LENGTH)
+# PostgreSQL text cannot hold NUL: refuse it here (422) rather than at INSERT (500).
+NO_NUL = r"^[^\x00]*$"
+Name = Field(min_length=1, max_length=NAME_MAX_LENGTH, pattern=NO_NUL)
+Description = Field(default=None, max_length=DESCRIPTION_MAX_LENGTH, pattern=NO_NUL)
 
 
 class ItemCreate(BaseModel):
+    """The body of POST /items, and one row of a batch import."""
+
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     name: str = Name
@@ -25,7 +29,7 @@ class ItemUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX_LENGTH)
+    name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX_LENGTH, pattern=NO_NUL)
     description: str | None = Description
 
     @model_validator(mode="after")
@@ -36,6 +40,8 @@ class ItemUpdate(BaseModel):
 
 
 class ItemRead(BaseModel):
+    """An item as the API returns it."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: int
@@ -45,6 +51,8 @@ class ItemRead(BaseModel):
 
 
 class ItemPage(BaseModel):
+    """One page of GET /items."""
+
     items: list[ItemRead]
     total: int
     offset: int

@@ -83,7 +83,9 @@ async def test_list_paginates_in_id_order(client: httpx.AsyncClient) -> None:
     assert (body["total"], body["offset"], body["limit"]) == (5, 1, 2)
 
 
-@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 101}, {"offset": -1}])
+@pytest.mark.parametrize(
+    "params", [{"limit": 0}, {"limit": 101}, {"offset": -1}, {"offset": 10**20}]
+)
 async def test_list_rejects_bad_paging_with_422(
     client: httpx.AsyncClient, params: dict[str, int]
 ) -> None:
@@ -118,16 +120,41 @@ async def test_patch_to_an_existing_name_is_409_and_changes_nothing(
     assert (body["name"], body["description"]) == ("screw", "wood")
 
 
-@pytest.mark.parametrize(("item_id", "body"), [(999999, {"name": "x"}), (None, {"name": None})])
-async def test_patch_missing_or_null_name(
-    client: httpx.AsyncClient, item_id: int | None, body: dict[str, object]
+async def test_patch_missing_item_is_404(client: httpx.AsyncClient) -> None:
+    """PATCH of an id that does not exist answers 404."""
+    response = await client.patch("/items/999999", json={"name": "x"})
+
+    assert response.status_code == 404
+
+
+async def test_patch_setting_name_to_null_is_422(client: httpx.AsyncClient) -> None:
+    """The name can be left out of a PATCH, but not set to null."""
+    item_id = await _create(client, "bolt")
+
+    response = await client.patch(f"/items/{item_id}", json={"name": None})
+
+    assert response.status_code == 422
+
+
+@pytest.mark.parametrize("method", ["GET", "PATCH", "DELETE"])
+@pytest.mark.parametrize("item_id", ["0", "-1", str(2**31), "99999999999999999999", "abc"])
+async def test_out_of_range_ids_are_422(
+    client: httpx.AsyncClient, method: str, item_id: str
 ) -> None:
-    """PATCH of a missing item is 404; setting the name to null is 422."""
-    target = item_id if item_id is not None else await _create(client, "bolt")
+    """Ids the integer column cannot hold are client errors, not server errors."""
+    response = await client.request(method, f"/items/{item_id}", json={"name": "x"})
 
-    response = await client.patch(f"/items/{target}", json=body)
+    assert response.status_code == 422
 
-    assert response.status_code == (404 if item_id is not None else 422)
+
+@pytest.mark.parametrize("field", ["name", "description"])
+async def test_nul_character_is_422(client: httpx.AsyncClient, field: str) -> None:
+    """PostgreSQL text cannot store NUL, so a body containing one is refused up front."""
+    body = {"name": "ok", field: "a\u0000b"}
+
+    response = await client.post("/items", json=body)
+
+    assert response.status_code == 422
 
 
 async def test_delete_removes_the_item(client: httpx.AsyncClient) -> None:

@@ -69,3 +69,12 @@ def checked_out(manager: DatabaseSessionManager) -> int:
     pool = manager.engine.pool
     assert isinstance(pool, QueuePool), f"expected a QueuePool, got {type(pool).__name__}"
     return pool.checkedout()
+
+
+async def idle_in_transaction(observer: asyncpg.Connection) -> int:
+    """Backends of the current database sitting inside a transaction with nothing to do."""
+    count: int = await observer.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+    )
+    return count

@@ -37,7 +37,13 @@ _FASTAPI_NAMES = frozenset({"AsyncSessionDep", "get_db"})
 
 def __getattr__(name: str) -> Any:
     if name in _FASTAPI_NAMES:
-        from . import _fastapi
-
+        try:
+            from . import _fastapi
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(
+                f"{name} needs FastAPI: install 'fastapi>=0.121.1', or, outside a "
+                "FastAPI app, use `session_manager.session()`, which does not",
+                name=error.name,
+            ) from error
         return getattr(_fastapi, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

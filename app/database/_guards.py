@@ -20,6 +20,10 @@ _FAILED = "app.database.statement_failed"
 
 
 def install_commit_guard(engine: Engine) -> None:
+    """Make `engine` raise `TransactionAbortedError` instead of a silent failed COMMIT.
+
+    PostgreSQL only: SQLite and MySQL keep a transaction usable after an error.
+    """
     event.listen(engine, "begin", _forget_failure)
     event.listen(engine, "rollback_savepoint", _forget_failure)
     event.listen(engine, "handle_error", _remember_failure)
@@ -44,9 +48,9 @@ def _refuse_failed_commit(connection: Connection) -> None:
         # checkout would inherit it.
         connection.engine.dialect.do_rollback(connection.connection)
         raise TransactionAbortedError(
-            "a statement in this transaction failed and its error was caught, so the "
-            "database aborted the transaction and COMMIT would silently discard its "
-            "work: let the error propagate, or call `await session.rollback()` and "
+            "a statement in this transaction failed and its error was caught; PostgreSQL "
+            "aborts a transaction at its first error, so COMMIT would silently discard "
+            "its work: let the error propagate, or call `await session.rollback()` and "
             "start again, or run the statement that may fail inside "
             "`async with session.begin_nested():`"
         )

@@ -55,7 +55,8 @@ class DatabaseSessionManager:
         parsed = parse_async_url(url)
         options = engine_options(engine_kwargs)
         engine = create_async_engine(parsed, **options)
-        install_commit_guard(engine.sync_engine)
+        if engine.dialect.name == "postgresql":
+            install_commit_guard(engine.sync_engine)
         # expire_on_commit=False: attributes stay loaded after commit, so a route can
         # return a committed object without an implicit (and, in async, illegal) reload.
         self._sessionmaker = async_sessionmaker(engine, expire_on_commit=False)

@@ -18,7 +18,7 @@ from app.database import (
     TransactionAbortedError,
 )
 from app.models import Item
-from tests.postgres import checked_out
+from tests.postgres import checked_out, idle_in_transaction
 
 
 async def _names(observer: asyncpg.Connection) -> list[str]:
@@ -83,30 +83,51 @@ async def test_cancellation_rolls_back_and_returns_the_connection(
 
     assert await _names(observer) == []
     assert checked_out(committed_db) == 0
-    idle_in_transaction = await observer.fetchval(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
-    )
-    assert idle_in_transaction == 0
+    assert await idle_in_transaction(observer) == 0
 
 
 async def test_failed_statement_fails_the_unit_of_work(
-    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+    committed_db: DatabaseSessionManager, database_url: URL, observer: asyncpg.Connection
 ) -> None:
     """A swallowed database error cannot end in a silent commit of nothing."""
-    with pytest.raises(TransactionAbortedError, match=re.escape("begin_nested()")):
-        async with committed_db.session() as db:
-            db.add(Item(name="before-error"))
-            await db.flush()
-            # The mistake under test: route code swallowing a database error.
-            with contextlib.suppress(DBAPIError):
-                await db.execute(text("SELECT 1/0"))
+    # One pooled connection, so the next unit of work reuses the refused one.
+    manager = DatabaseSessionManager()
+    manager.init(url=database_url, pool_size=1, max_overflow=0)
+    try:
+        with pytest.raises(TransactionAbortedError, match=re.escape("begin_nested()")):
+            async with manager.session() as db:
+                db.add(Item(name="before-error"))
+                await db.flush()
+                # The mistake under test: route code swallowing a database error.
+                with contextlib.suppress(DBAPIError):
+                    await db.execute(text("SELECT 1/0"))
 
-    assert await _names(observer) == []
-    # The refused commit must not hand an aborted transaction to the next user.
-    async with committed_db.session() as db:
-        db.add(Item(name="next-unit"))
-    assert await _names(observer) == ["next-unit"]
+        assert await _names(observer) == []
+        assert await idle_in_transaction(observer) == 0
+        # The refused commit must not hand an aborted transaction to the next user.
+        async with manager.session() as db:
+            db.add(Item(name="next-unit"))
+        assert await _names(observer) == ["next-unit"]
+    finally:
+        await manager.close()
+
+
+async def test_statement_parameters_stay_out_of_errors(
+    committed_db: DatabaseSessionManager,
+) -> None:
+    """With the default hide_parameters=True SQLAlchemy does not print a statement's values.
+
+    (Driver and server messages can still quote a value themselves, e.g. asyncpg's
+    "invalid input for query argument": the package README says so.)
+    """
+    canary = "parameter-canary-5d1e"
+
+    with pytest.raises(DBAPIError) as caught:
+        async with committed_db.session() as db:
+            await db.execute(text("SELECT 1/0 WHERE :value <> ''"), {"value": canary})
+
+    assert "hidden due to hide_parameters" in str(caught.value)
+    assert canary not in str(caught.value)
 
 
 async def test_close_refuses_new_sessions_and_init_reopens(database_url: URL) -> None:

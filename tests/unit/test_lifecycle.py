@@ -20,12 +20,6 @@ URL = "postgresql+asyncpg://app@127.0.0.1:1/never_connected"
 INIT_HINT = "call `session_manager.init(url=...)` at start-up"
 
 
-@pytest.fixture(name="manager")
-def manager_fixture() -> DatabaseSessionManager:
-    """A fresh manager, independent of the app's singleton."""
-    return DatabaseSessionManager()
-
-
 async def test_session_before_init_names_the_fix(manager: DatabaseSessionManager) -> None:
     """session() before init() raises a RuntimeError that says to call init()."""
     with pytest.raises(DatabaseNotInitializedError, match=re.escape(INIT_HINT)):

@@ -10,12 +10,6 @@ from sqlalchemy.engine import URL
 from app.database import DatabaseConfigError, DatabaseSessionManager
 
 
-@pytest.fixture(name="manager")
-def manager_fixture() -> DatabaseSessionManager:
-    """A fresh manager, independent of the app's singleton."""
-    return DatabaseSessionManager()
-
-
 @pytest.mark.parametrize(
     ("url", "suggestion"),
     [
