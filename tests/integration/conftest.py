@@ -13,22 +13,14 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database import DatabaseSessionManager, get_db, session_manager
 from app.main import create_app
-from tests.paths import REPO_ROOT
+from tests.migrations import upgrade
 from tests.postgres import asyncpg_dsn, checked_out, create_database, drop_database, url_under_test
-
-
-def _upgrade_to_head(connection: Connection) -> None:
-    config = Config(REPO_ROOT / "alembic.ini")
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
 
 
 @pytest.fixture(scope="session", name="database_url")
@@ -46,7 +38,7 @@ async def database_fixture(database_url: URL) -> AsyncIterator[DatabaseSessionMa
     """The app's `session_manager`, open on the test database migrated to head."""
     session_manager.init(url=database_url)
     async with session_manager.engine.begin() as connection:
-        await connection.run_sync(_upgrade_to_head)
+        await connection.run_sync(upgrade)
     yield session_manager
     # Zero cleanup must still mean zero residue: nothing any test wrote survived.
     async with session_manager.engine.connect() as connection:
@@ -102,9 +94,14 @@ async def committed_db_fixture(
 ) -> AsyncIterator[DatabaseSessionManager]:
     """The real `session_manager` for tests that commit; their rows are removed after."""
     yield database
-    assert checked_out(database) == 0, "a test left a connection checked out"
-    async with database.engine.begin() as connection:
-        await connection.execute(text("TRUNCATE items RESTART IDENTITY CASCADE"))
+    try:
+        assert checked_out(database) == 0, "a test left a connection checked out"
+    finally:
+        # Even after a leak, so no committed row reaches later tests.
+        async with database.engine.begin() as connection:
+            # A leaked connection may still hold a lock on items: fail, rather than hang.
+            await connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+            await connection.execute(text("TRUNCATE items RESTART IDENTITY CASCADE"))
 
 
 @pytest.fixture(name="observer")

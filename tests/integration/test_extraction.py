@@ -7,10 +7,8 @@ Each script runs in a fresh interpreter, where only the copy is importable.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,16 +16,14 @@ import pytest
 from sqlalchemy.engine import URL
 
 from tests.paths import REPO_ROOT
+from tests.subprocesses import Result, run_python
 
 APP_SCRIPT = """
 import asyncio
+import importlib.util
 import os
 
-try:
-    import app  # noqa: F401
-except ModuleNotFoundError:
-    pass
-else:
+if importlib.util.find_spec("app") is not None:
     raise AssertionError("the reference app is importable: the copy is not tested alone")
 
 import httpx
@@ -146,41 +142,28 @@ def project_fixture(tmp_path: Path) -> Path:
     return project
 
 
-async def _run_script(project: Path, script: str, database_url: URL) -> tuple[int, str, str]:
+async def _run_script(project: Path, script: str, database_url: URL) -> Result:
     (project / "main.py").write_text(textwrap.dedent(script))
-    environment = dict(os.environ)
     # Only the project directory (the script's own) may be on the path, not the repo.
-    environment.pop("PYTHONPATH", None)
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     environment["DATABASE_URL"] = database_url.render_as_string(hide_password=False)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        # Unclosed connections and other warnings fail the script, as they fail the suite.
-        "-W",
-        "error",
-        "main.py",
-        cwd=project,
-        env=environment,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace")
+    # Unclosed connections and other warnings fail the script, as they fail the suite.
+    return await run_python("-W", "error", "main.py", cwd=project, env=environment)
 
 
 async def test_copied_package_serves_a_fastapi_app_and_batch_jobs(
     project: Path, database_url: URL
 ) -> None:
     """The copy alone runs routes on AsyncSessionDep and a batch session, both committing."""
-    returncode, stdout, stderr = await _run_script(project, APP_SCRIPT, database_url)
+    result = await _run_script(project, APP_SCRIPT, database_url)
 
-    assert returncode == 0, stderr
-    assert "extraction ok" in stdout
+    assert result.returncode == 0, result.stderr
+    assert "extraction ok" in result.stdout
 
 
 async def test_copied_package_works_without_fastapi(project: Path, database_url: URL) -> None:
     """Without FastAPI the copy imports and session() works; only get_db needs FastAPI."""
-    returncode, stdout, stderr = await _run_script(project, NO_FASTAPI_SCRIPT, database_url)
+    result = await _run_script(project, NO_FASTAPI_SCRIPT, database_url)
 
-    assert returncode == 0, stderr
-    assert "no-fastapi ok" in stdout
+    assert result.returncode == 0, result.stderr
+    assert "no-fastapi ok" in result.stdout

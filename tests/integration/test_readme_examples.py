@@ -7,10 +7,8 @@ that defines a `router` is mounted and each of its GET routes must answer 200.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -19,6 +17,7 @@ from sqlalchemy.engine import URL
 
 from app.database import DatabaseSessionManager
 from tests.paths import REPO_ROOT
+from tests.subprocesses import run_python
 
 READMES = [REPO_ROOT / "README.md", REPO_ROOT / "app" / "database" / "README.md"]
 EXAMPLE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/app"
@@ -80,14 +79,12 @@ async def _run_example(code: str, database_url: URL, tmp_path: Path) -> None:
     program += f"\nEXAMPLE_URL = {test_url!r}\n" + DRIVER
     script = tmp_path / "example.py"
     script.write_text(program)
+    # The examples import `app.database` as an installed package would be imported.
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), cwd=REPO_ROOT, env=env, stderr=asyncio.subprocess.PIPE
-    )
-    _, stderr = await process.communicate()
+    result = await run_python(str(script), cwd=REPO_ROOT, env=env)
 
-    assert process.returncode == 0, f"example failed:\n{code}\n{stderr.decode()}"
+    assert result.returncode == 0, f"example failed:\n{code}\n{result.output}"
 
 
 @pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])

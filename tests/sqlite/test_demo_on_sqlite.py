@@ -8,19 +8,13 @@ that looks it up at request time is pointed at a private manager for the test.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-from alembic import command
-from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import text
 
 import app.database._fastapi
 import app.health
@@ -28,21 +22,7 @@ import app.main
 from app.config import DEFAULT_DATABASE_URL, database_url
 from app.database import DatabaseSessionManager, session_manager
 from tests.item_routes import *  # noqa: F403  (pytest collects the imported tests)
-from tests.paths import REPO_ROOT
-
-
-def _alembic_config() -> Config:
-    return Config(REPO_ROOT / "alembic.ini")
-
-
-def _upgrade_head(connection: Connection) -> None:
-    config = _alembic_config()
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
-
-
-def _table_names(connection: Connection) -> list[str]:
-    return inspect(connection).get_table_names()
+from tests.migrations import alembic_config, run_alembic, table_names, upgrade
 
 
 @pytest.fixture(name="sqlite_url")
@@ -60,7 +40,7 @@ async def client_fixture(
     migrator.init(url=sqlite_url)
     try:
         async with migrator.engine.begin() as connection:
-            await connection.run_sync(_upgrade_head)
+            await connection.run_sync(upgrade)
     finally:
         await migrator.close()
 
@@ -85,29 +65,18 @@ async def client_fixture(
 
 async def test_alembic_cli_upgrades_an_sqlite_file(sqlite_url: str) -> None:
     """`alembic upgrade head` with DATABASE_URL on SQLite creates items and records head."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "alembic",
-        "upgrade",
-        "head",
-        cwd=REPO_ROOT,
-        env={**os.environ, "DATABASE_URL": sqlite_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await process.communicate()
-    assert process.returncode == 0, output.decode(errors="replace")
+    upgraded = await run_alembic("upgrade", "head", database_url=sqlite_url)
+    assert upgraded.returncode == 0, upgraded.output
 
     manager = DatabaseSessionManager()
     manager.init(url=sqlite_url)
     try:
         async with manager.engine.connect() as connection:
-            assert "items" in await connection.run_sync(_table_names)
+            assert "items" in await connection.run_sync(table_names)
             version = await connection.scalar(text("SELECT version_num FROM alembic_version"))
     finally:
         await manager.close()
-    assert version == ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert version == ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 async def test_health_is_ok_on_sqlite(client: httpx.AsyncClient) -> None:
