@@ -26,12 +26,21 @@ async def _get_or_404(db: AsyncSessionDep, item_id: int) -> Item:
     return item
 
 
+def _is_duplicate_name(error: IntegrityError) -> bool:
+    # PostgreSQL names the constraint, SQLite the column; any other violation is a bug
+    # that must surface as a 500, not be reported as a conflict.
+    message = str(error.orig)
+    return "uq_items_name" in message or "items.name" in message
+
+
 async def _flush_or_409(db: AsyncSessionDep, name: str) -> None:
     # The unique constraint, not a prior SELECT, decides: a SELECT would race.
     # Raising rolls the whole request back (the dependency sees the exception).
     try:
         await db.flush()
-    except IntegrityError:
+    except IntegrityError as error:
+        if not _is_duplicate_name(error):
+            raise
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"an item named {name!r} already exists"
         ) from None
