@@ -1,7 +1,7 @@
 """Validation of what `init()` is given, before any engine or connection exists.
 
-Every message here is built from the dialect and driver names only, so a
-password can never reach an exception, a log line or an error tracker.
+Every message here is built from the dialect and driver names only, never from
+the URL itself, so none of them can carry its password.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def parse_async_url(url: object) -> URL:
     suggestion = f"{backend}+{ASYNC_DRIVERS.get(backend, '<async driver>')}://..."
     if not driver:
         raise DatabaseConfigError(
-            f"database URL '{backend}://...' does not name a driver, so SQLAlchemy "
-            f"would pick a synchronous one: use '{suggestion}'"
+            f"database URL '{backend}://...' does not name a driver, and the one "
+            "SQLAlchemy would pick depends on its version (for PostgreSQL, the "
+            f"synchronous psycopg2 in 2.0): use '{suggestion}'"
         )
     try:
         dialect = parsed.get_dialect()
