@@ -32,6 +32,7 @@ async def _round_trip() -> None:
 
 @router.get("/health")
 async def health() -> JSONResponse:
+    """200 after a database round trip, with the pool's counters; 503 if none comes."""
     try:
         await asyncio.wait_for(_round_trip(), HEALTH_TIMEOUT_SECONDS)
     # Any failure means "unavailable": drivers differ in what they raise (under
