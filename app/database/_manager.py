@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -96,6 +97,24 @@ class DatabaseSessionManager:
             # Reached only when the block did not raise: commit whatever is pending,
             # including work done after an explicit commit() inside the block.
             await session.commit()
+
+    @contextmanager
+    def _sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:
+        """For `testing.py`: every `session()` joins `connection`'s open transaction.
+
+        Each session works in a savepoint, so its commit() releases the savepoint
+        and its rollback() rolls back to it; the outer transaction stays intact.
+        """
+        if self._sessionmaker is None:
+            raise self._not_open_error()
+        production = self._sessionmaker
+        self._sessionmaker = async_sessionmaker(
+            bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
+        )
+        try:
+            yield
+        finally:
+            self._sessionmaker = production
 
     def _not_open_error(self) -> DatabaseNotInitializedError:
         if self._state is _State.CLOSED:

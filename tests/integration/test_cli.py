@@ -16,9 +16,10 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import URL
 
+from app.database.testing import create_test_database, drop_test_database
 from tests.migrations import run_alembic
 from tests.paths import REPO_ROOT
-from tests.postgres import asyncpg_dsn, create_database, drop_database, url_under_test
+from tests.postgres import asyncpg_dsn
 from tests.subprocesses import Result, run_python
 
 # Trust auth ignores the password, so it only shows whether the CLI leaks it.
@@ -52,19 +53,16 @@ def make_items(count: int) -> list[dict[str, str]]:
 
 
 @pytest.fixture(name="cli_url", scope="module")
-async def cli_url_fixture() -> AsyncIterator[URL]:
+async def cli_url_fixture(database_url: URL) -> AsyncIterator[URL]:
     """A database of this module's own, migrated to head, dropped afterwards."""
-    url = url_under_test()
-    assert url.database, "TEST_DATABASE_URL must name a database"
-    own = url.set(database=f"{url.database}_cli")
-    assert own.database
-    await create_database(url, own.database)
+    own = database_url.set(database=f"{database_url.database}_cli")
+    await create_test_database(own)
     try:
         migrated = await run_alembic("upgrade", "head", database_url=own)
         assert migrated.returncode == 0, migrated.output
         yield own
     finally:
-        await drop_database(url, own.database)
+        await drop_test_database(own)
 
 
 @pytest.fixture(name="db", scope="module")

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import app.models  # noqa: F401  (registers the models on Base.metadata)
 from app.database import Base, DatabaseSessionManager
+from app.database.testing import create_test_database, drop_test_database
 from tests.migrations import alembic_config, downgrade, run_alembic, table_names, upgrade
-from tests.postgres import create_database, drop_database, url_under_test
 
 
 def _model_differences(connection: Connection) -> list[Any]:
@@ -36,14 +36,12 @@ async def _alembic_version_rows(engine: AsyncEngine) -> int:
 
 
 @pytest.fixture(scope="module", name="empty_database_url")
-async def empty_database_url_fixture() -> AsyncIterator[URL]:
+async def empty_database_url_fixture(database_url: URL) -> AsyncIterator[URL]:
     """A database of this module's own, empty when the module starts, dropped after it."""
-    url = url_under_test()
-    assert url.database, "TEST_DATABASE_URL must name a database"
-    name = f"{url.database}_migrations"
-    await create_database(url, name)
-    yield url.set(database=name)
-    await drop_database(url, name)
+    own = database_url.set(database=f"{database_url.database}_migrations")
+    await create_test_database(own)
+    yield own
+    await drop_test_database(own)
 
 
 @pytest.fixture(scope="module", name="module_engine")

@@ -1,0 +1,168 @@
+"""pytest fixtures for tests isolated by rollback on a real PostgreSQL database.
+
+Enable it with one line in your root `conftest.py`:
+
+    pytest_plugins = ["app.database.pytest_plugin"]
+
+The run gets its own database, `<name>_<pid>` (so one per xdist worker), named
+by `TEST_DATABASE_URL` or the `test_database_url` ini option, migrated once and
+dropped at the end. Each test that uses `db_session` (or `db_connection`) runs
+inside one transaction that is rolled back afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, inspect, select, table
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from ._base import Base
+from ._manager import DatabaseSessionManager, session_manager
+from .testing import (
+    QueryCount,
+    TestDatabaseError,
+    count_queries,
+    create_test_database,
+    drop_test_database,
+    isolated,
+    joined_session,
+)
+
+URL_VARIABLE = "TEST_DATABASE_URL"
+LOOP_SCOPE_OPTIONS = ("asyncio_default_fixture_loop_scope", "asyncio_default_test_loop_scope")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "test_database_url",
+        "database URL for the test run; TEST_DATABASE_URL overrides it. The run "
+        "creates and drops <name>_<pid> on that server.",
+    )
+
+
+def _check_loop_scopes(config: pytest.Config) -> None:
+    # The engine is created once per run: a test on another event loop would hang
+    # or fail deep inside the driver, so refuse the configuration up front.
+    wrong = [name for name in LOOP_SCOPE_OPTIONS if config.getini(name) != "session"]
+    if wrong:
+        raise pytest.UsageError(
+            "app.database.pytest_plugin shares one engine across the run: set "
+            + " and ".join(f'{name} = "session"' for name in wrong)
+            + " in your pytest configuration"
+        )
+
+
+@pytest.fixture(scope="session", name="database_url")
+async def database_url_fixture(request: pytest.FixtureRequest) -> AsyncIterator[URL]:
+    """This process's own database, created for the run and dropped after it."""
+    _check_loop_scopes(request.config)
+    configured = os.environ.get(URL_VARIABLE) or request.config.getini("test_database_url")
+    if not configured:
+        raise pytest.UsageError(
+            f"set {URL_VARIABLE}=postgresql+asyncpg://USER@HOST:PORT/NAME, or "
+            "test_database_url in your pytest configuration"
+        )
+    base = make_url(configured)
+    url = base.set(database=f"{base.database or 'test'}_{os.getpid()}")
+    try:
+        await create_test_database(url)
+    except TestDatabaseError as error:
+        pytest.exit(str(error), returncode=3)
+    yield url
+    await drop_test_database(url)
+
+
+def _alembic_upgrade_head(connection: Connection, config_path: Path) -> None:
+    from alembic import command  # here: Alembic is only needed by suites that use it
+    from alembic.config import Config
+
+    config = Config(config_path)
+    # env.py must run on this connection when given one (Alembic's cookbook recipe
+    # "Sharing a Connection across one or more programmatic migration commands").
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+@pytest.fixture(scope="session", name="database_migrate")
+def database_migrate_fixture(request: pytest.FixtureRequest) -> Callable[[Connection], None]:
+    """How the schema is built, once per run: Alembic if alembic.ini exists, else create_all.
+
+    Override this fixture to build it another way.
+    """
+    config_path = Path(request.config.rootpath) / "alembic.ini"
+    if config_path.is_file():
+        return lambda connection: _alembic_upgrade_head(connection, config_path)
+    return Base.metadata.create_all
+
+
+@pytest.fixture(scope="session", name="database_manager")
+def database_manager_fixture() -> DatabaseSessionManager:
+    """The manager the code under test uses; override it if that is not `session_manager`."""
+    return session_manager
+
+
+def _row_counts(connection: Connection) -> dict[str, int]:
+    present = set(inspect(connection).get_table_names())
+    tables = [t.name for t in Base.metadata.sorted_tables if t.name in present]
+    counts = {
+        name: connection.scalar(select(func.count()).select_from(table(name))) for name in tables
+    }
+    return {name: count or 0 for name, count in counts.items()}
+
+
+@pytest.fixture(scope="session", name="database")
+async def database_fixture(
+    database_url: URL,
+    database_manager: DatabaseSessionManager,
+    database_migrate: Callable[[Connection], None],
+) -> AsyncIterator[DatabaseSessionManager]:
+    """The manager, open on the migrated test database; checks nothing persisted at the end."""
+    database_manager.init(url=database_url)
+    try:
+        async with database_manager.engine.begin() as connection:
+            await connection.run_sync(database_migrate)
+        yield database_manager
+        # Zero cleanup must still mean zero residue.
+        async with database_manager.engine.connect() as connection:
+            residue = {
+                name: count
+                for name, count in (await connection.run_sync(_row_counts)).items()
+                if count
+            }
+    finally:
+        await database_manager.close()
+    assert not residue, f"rows persisted past the rollback isolation: {residue}"
+
+
+@pytest.fixture(name="db_connection")
+async def db_connection_fixture(
+    database: DatabaseSessionManager,
+) -> AsyncIterator[AsyncConnection]:
+    """The test's outer transaction; every session of the manager joins it meanwhile."""
+    async with isolated(database) as connection:
+        yield connection
+
+
+@pytest.fixture(name="db_session")
+async def db_session_fixture(db_connection: AsyncConnection) -> AsyncIterator[AsyncSession]:
+    """A session inside the test's transaction; its commit() releases a savepoint."""
+    async with joined_session(db_connection) as session:
+        yield session
+
+
+@pytest.fixture(name="count_queries")
+def count_queries_fixture(
+    db_connection: AsyncConnection,
+) -> Callable[[], AbstractContextManager[QueryCount]]:
+    """`with count_queries() as queries:` records the statements the test's code runs."""
+
+    def counter() -> AbstractContextManager[QueryCount]:
+        return count_queries(db_connection)
+
+    return counter
