@@ -1,0 +1,158 @@
+"""Meta-tests of the rollback isolation: after each test, a separate connection sees nothing.
+
+Every test here requests `nothing_persists` first, so its check runs after the
+isolation fixtures have rolled the test's transaction back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from app.database import AsyncSessionDep, DatabaseSessionManager, session_manager
+from app.database.testing import QueryCount, joined_session
+from app.models import Item
+
+PROBE_TABLE = "isolation_ddl_probe"
+
+
+@pytest.fixture(name="nothing_persists")
+async def nothing_persists_fixture(
+    database: DatabaseSessionManager, observer: asyncpg.Connection
+) -> AsyncIterator[None]:
+    """After the test's rollback, no item row and no table it created remain."""
+    yield
+    assert await observer.fetchval("SELECT count(*) FROM items") == 0
+    assert await observer.fetchval("SELECT to_regclass($1)", PROBE_TABLE) is None
+
+
+async def _names(session: AsyncSession) -> list[str]:
+    return list(await session.scalars(select(Item.name).order_by(Item.id)))
+
+
+async def test_commit_only_releases_a_savepoint(
+    nothing_persists: None, db_session: AsyncSession, observer: asyncpg.Connection
+) -> None:
+    """commit() in the test is invisible to other connections and undone afterwards."""
+    db_session.add(Item(name="committed"))
+    await db_session.commit()
+
+    assert await _names(db_session) == ["committed"]
+    assert await observer.fetchval("SELECT count(*) FROM items") == 0
+
+
+async def test_rollback_after_integrity_error_keeps_the_session_usable(
+    nothing_persists: None, db_session: AsyncSession
+) -> None:
+    """After an IntegrityError and rollback(), the session keeps working in the test."""
+    db_session.add(Item(name="kept"))
+    await db_session.commit()
+    db_session.add(Item(name="kept"))
+    with pytest.raises(IntegrityError):
+        await db_session.flush()
+    await db_session.rollback()
+
+    db_session.add(Item(name="after-rollback"))
+    await db_session.flush()
+
+    assert await _names(db_session) == ["kept", "after-rollback"]
+
+
+async def test_nested_savepoints_roll_back_independently(
+    nothing_persists: None, db_session: AsyncSession
+) -> None:
+    """begin_nested() inside the test's savepoint works as it does in production."""
+    async with db_session.begin_nested():
+        db_session.add(Item(name="outer-nested"))
+        nested = await db_session.begin_nested()
+        db_session.add(Item(name="inner-nested"))
+        await db_session.flush()
+        await nested.rollback()
+
+    assert await _names(db_session) == ["outer-nested"]
+
+
+async def test_ddl_is_rolled_back_too(
+    nothing_persists: None, db_connection: AsyncConnection
+) -> None:
+    """A table created inside the test is gone afterwards (PostgreSQL DDL is transactional)."""
+    await db_connection.execute(text(f"CREATE TABLE {PROBE_TABLE} (id int PRIMARY KEY)"))
+    await db_connection.execute(text(f"INSERT INTO {PROBE_TABLE} VALUES (1)"))
+
+    assert await db_connection.scalar(text(f"SELECT count(*) FROM {PROBE_TABLE}")) == 1
+
+
+async def test_several_sessions_share_the_test_transaction(
+    nothing_persists: None, db_session: AsyncSession, db_connection: AsyncConnection
+) -> None:
+    """Sessions from session_manager and extra joined sessions see each other's commits."""
+    async with session_manager.session() as first:
+        first.add(Item(name="from-manager"))
+    async with joined_session(db_connection) as extra:
+        extra.add(Item(name="from-extra"))
+        await extra.commit()
+
+    assert await _names(db_session) == ["from-manager", "from-extra"]
+
+
+def _app_with_helper() -> FastAPI:
+    app = FastAPI()
+
+    async def record(name: str) -> None:
+        # A helper that opens its own unit of work, as CLI code and jobs do.
+        async with session_manager.session() as db:
+            db.add(Item(name=name))
+
+    @app.post("/items/{name}", status_code=201)
+    async def create(db: AsyncSessionDep, name: str) -> dict[str, int]:
+        db.add(Item(name=name))
+        await record(f"{name}-audit")
+        return {"count": await db.scalar(select(func.count()).select_from(Item)) or 0}
+
+    return app
+
+
+async def test_route_and_helper_sessions_are_isolated(
+    nothing_persists: None, db_session: AsyncSession
+) -> None:
+    """A route (through get_db) and a helper calling session_manager.session() both join."""
+    transport = httpx.ASGITransport(app=_app_with_helper())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/items/widget")
+
+    assert response.status_code == 201
+    assert sorted(await _names(db_session)) == ["widget", "widget-audit"]
+
+
+async def test_route_error_rolls_back_only_its_own_savepoint(
+    nothing_persists: None, db_session: AsyncSession, client: httpx.AsyncClient
+) -> None:
+    """A failing request leaves the test's earlier data in place and the session usable."""
+    assert (await client.post("/items", json={"name": "dup"})).status_code == 201
+    assert (await client.post("/items", json={"name": "dup"})).status_code == 409
+
+    assert (await client.post("/items", json={"name": "after"})).status_code == 201
+    assert await _names(db_session) == ["dup", "after"]
+
+
+async def test_query_counter_counts_the_routes_statements(
+    nothing_persists: None,
+    client: httpx.AsyncClient,
+    count_queries: Callable[[], AbstractContextManager[QueryCount]],
+) -> None:
+    """count_queries() sees a list request's two statements and not the harness's savepoints."""
+    with count_queries() as queries:
+        response = await client.get("/items")
+
+    assert response.status_code == 200
+    assert queries.count == 2, queries
+    assert queries.statements[0].startswith("SELECT count(*)")
+    assert "2 statements:\n  1. SELECT count(*)" in str(queries)
