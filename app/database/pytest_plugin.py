@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import func, inspect, select, table
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.pool import QueuePool
 
 from ._base import Base
 from ._manager import DatabaseSessionManager, session_manager
@@ -147,6 +148,10 @@ async def db_connection_fixture(
     """The test's outer transaction; every session of the manager joins it meanwhile."""
     async with isolated(database) as connection:
         yield connection
+    # A session the test forgot to close would hold its connection past the test.
+    pool = database.engine.pool
+    if isinstance(pool, QueuePool) and pool.checkedout():
+        pytest.fail(f"{pool.checkedout()} connection(s) still checked out after the test")
 
 
 @pytest.fixture(name="db_session")

@@ -95,3 +95,33 @@ async def test_mismatched_loop_scope_is_a_clear_error(
     assert result.ret != 0
     result.stdout.fnmatch_lines(['*asyncio_default_test_loop_scope = "session"*'])
     assert await _leftover_probe_databases(observer) == 0
+
+
+async def test_connection_left_checked_out_fails_the_test(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: URL,
+    observer: asyncpg.Connection,
+) -> None:
+    """A test that keeps a pooled connection past its end is reported, not left to leak."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.delenv("TEST_DATABASE_URL", raising=False)
+    _project(pytester, database_url, test_loop_scope="session")
+    pytester.makepyfile(
+        test_leak="""
+        import pytest
+
+        LEAKED = []
+
+        async def test_keeps_a_connection(database, db_connection):
+            LEAKED.append(await database.engine.connect())
+
+        async def test_zz_release(database):
+            await LEAKED.pop().close()
+        """
+    )
+
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_leak.py")
+
+    result.stdout.fnmatch_lines(["*1 connection(s) still checked out after the test*"])
+    assert await _leftover_probe_databases(observer) == 0
