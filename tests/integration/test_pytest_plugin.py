@@ -37,7 +37,15 @@ async def test_b_nothing_left_from_the_other_test(db_session):
 """
 
 
-def _project(pytester: pytest.Pytester, database_url: URL, test_loop_scope: str) -> None:
+def _project(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: URL,
+    test_loop_scope: str,
+) -> None:
+    # The inner runs import this repository's package, and name their server by ini.
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.delenv("TEST_DATABASE_URL", raising=False)
     server = database_url.set(database="plugin_probe").render_as_string(hide_password=False)
     pytester.makeini(
         f"""
@@ -69,9 +77,7 @@ async def test_one_line_enables_isolated_tests(
     workers: list[str],
 ) -> None:
     """A new project's tests are isolated, each process on its own database, dropped after."""
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    monkeypatch.delenv("TEST_DATABASE_URL", raising=False)
-    _project(pytester, database_url, test_loop_scope="session")
+    _project(pytester, monkeypatch, database_url, test_loop_scope="session")
 
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers)
 
@@ -86,9 +92,7 @@ async def test_mismatched_loop_scope_is_a_clear_error(
     observer: asyncpg.Connection,
 ) -> None:
     """Tests on per-function event loops would cross the engine's loop: refused, not hung."""
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    monkeypatch.delenv("TEST_DATABASE_URL", raising=False)
-    _project(pytester, database_url, test_loop_scope="function")
+    _project(pytester, monkeypatch, database_url, test_loop_scope="function")
 
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
 
@@ -104,9 +108,7 @@ async def test_connection_left_checked_out_fails_the_test(
     observer: asyncpg.Connection,
 ) -> None:
     """A test that keeps a pooled connection past its end is reported, not left to leak."""
-    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
-    monkeypatch.delenv("TEST_DATABASE_URL", raising=False)
-    _project(pytester, database_url, test_loop_scope="session")
+    _project(pytester, monkeypatch, database_url, test_loop_scope="session")
     pytester.makepyfile(
         test_leak="""
         import pytest

@@ -1,0 +1,1 @@
+"""What each test isolation strategy costs per test; run with `python -m benchmarks.isolation`."""
