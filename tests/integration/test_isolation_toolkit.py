@@ -13,9 +13,10 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, select, text
+from sqlalchemy import ForeignKey, func, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncConnection, AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
 
 from app.database import AsyncSessionDep, DatabaseSessionManager, session_manager
 from app.database.testing import QueryCount, joined_session
@@ -31,7 +32,8 @@ async def nothing_persists_fixture(
     """After the test's rollback, no item row and no table it created remain."""
     yield
     assert await observer.fetchval("SELECT count(*) FROM items") == 0
-    assert await observer.fetchval("SELECT to_regclass($1)", PROBE_TABLE) is None
+    for table in (PROBE_TABLE, "counter_probe_shelf", "counter_probe_book"):
+        assert await observer.fetchval("SELECT to_regclass($1)", table) is None
 
 
 async def _names(session: AsyncSession) -> list[str]:
@@ -156,3 +158,45 @@ async def test_query_counter_counts_the_routes_statements(
     assert queries.count == 2, queries
     assert queries.statements[0].startswith("SELECT count(*)")
     assert "2 statements:\n  1. SELECT count(*)" in str(queries)
+
+
+class _Scratch(AsyncAttrs, DeclarativeBase):
+    """Models for this module only: kept off the app's Base, whose schema Alembic owns."""
+
+
+class _Shelf(_Scratch):
+    __tablename__ = "counter_probe_shelf"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    books: Mapped[list[_Book]] = relationship()
+
+
+class _Book(_Scratch):
+    __tablename__ = "counter_probe_book"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    shelf_id: Mapped[int] = mapped_column(ForeignKey(_Shelf.id))
+
+
+async def test_query_counter_exposes_an_n_plus_one_load(
+    nothing_persists: None,
+    db_session: AsyncSession,
+    db_connection: AsyncConnection,
+    count_queries: Callable[[], AbstractContextManager[QueryCount]],
+) -> None:
+    """Lazy loading per row costs 1 + N statements; selectinload brings it back to 2."""
+    await db_connection.run_sync(_Scratch.metadata.create_all)
+    db_session.add_all([_Shelf(books=[_Book(), _Book()]) for _ in range(3)])
+    await db_session.commit()
+    db_session.expunge_all()
+
+    with count_queries() as lazy:
+        for shelf in await db_session.scalars(select(_Shelf)):
+            await shelf.awaitable_attrs.books
+    db_session.expunge_all()
+    with count_queries() as eager:
+        shelves = await db_session.scalars(select(_Shelf).options(selectinload(_Shelf.books)))
+        assert sum(len(shelf.books) for shelf in shelves) == 6
+
+    assert lazy.count == 1 + 3, lazy
+    assert eager.count == 2, eager
