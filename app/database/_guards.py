@@ -7,10 +7,12 @@ on would otherwise report success (a 2xx) for work that was thrown away.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
+from sqlalchemy.orm import Session, SessionTransaction
 
 from ._errors import TransactionAbortedError
 
@@ -47,10 +49,35 @@ def _refuse_failed_commit(connection: Connection) -> None:
         # then skips the pool's reset: end the aborted transaction here, or the next
         # checkout would inherit it.
         connection.engine.dialect.do_rollback(connection.connection)
-        raise TransactionAbortedError(
-            "a statement in this transaction failed and its error was caught; PostgreSQL "
-            "aborts a transaction at its first error, so COMMIT would silently discard "
-            "its work: let the error propagate, or call `await session.rollback()` and "
-            "start again, or run the statement that may fail inside "
-            "`async with session.begin_nested():`"
-        )
+        raise TransactionAbortedError(_ABORTED)
+
+
+class GuardedSession(Session):
+    """The sync class of the package's sessions, so that its commit check stays theirs."""
+
+
+def _connections_of(transaction: SessionTransaction) -> Iterable[Connection]:
+    connections: Iterable[Connection] | None = getattr(transaction, "connections", None)
+    if connections is None:  # SQLAlchemy < 2.1.7 has no public accessor
+        connections = [entry[0] for entry in transaction._connections.values()]
+    return connections
+
+
+@event.listens_for(GuardedSession, "before_commit")
+def _refuse_aborted_unit_of_work(session: Session) -> None:
+    # Checked before the session starts committing, so that a refusal leaves its
+    # transaction (or, in test isolation, its savepoint) to be rolled back normally.
+    transaction = session.get_transaction()
+    if transaction is not None and any(
+        connection.info.get(_FAILED) for connection in _connections_of(transaction)
+    ):
+        raise TransactionAbortedError(_ABORTED)
+
+
+_ABORTED = (
+    "a statement in this transaction failed and its error was caught; PostgreSQL "
+    "aborts a transaction at its first error, so COMMIT would silently discard "
+    "its work: let the error propagate, or call `await session.rollback()` and "
+    "start again, or run the statement that may fail inside "
+    "`async with session.begin_nested():`"
+)

@@ -18,7 +18,19 @@ from sqlalchemy.ext.asyncio import (
 
 from ._config import engine_options, parse_async_url
 from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
-from ._guards import install_commit_guard
+from ._guards import GuardedSession, install_commit_guard
+
+# expire_on_commit=False: attributes stay loaded after commit, so a route can return
+# a committed object without an implicit (and, in async, illegal) reload.
+# GuardedSession: refuses to commit a unit of work in which a statement failed.
+SESSION_OPTIONS: dict[str, Any] = {"expire_on_commit": False, "sync_session_class": GuardedSession}
+
+
+def joined_sessionmaker(connection: AsyncConnection) -> async_sessionmaker[AsyncSession]:
+    """Sessions inside `connection`'s open transaction, each in a savepoint of its own."""
+    return async_sessionmaker(
+        bind=connection, join_transaction_mode="create_savepoint", **SESSION_OPTIONS
+    )
 
 
 class _State(enum.Enum):
@@ -58,9 +70,7 @@ class DatabaseSessionManager:
         engine = create_async_engine(parsed, **options)
         if engine.dialect.name == "postgresql":
             install_commit_guard(engine.sync_engine)
-        # expire_on_commit=False: attributes stay loaded after commit, so a route can
-        # return a committed object without an implicit (and, in async, illegal) reload.
-        self._sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
+        self._sessionmaker = async_sessionmaker(engine, **SESSION_OPTIONS)
         self._engine = engine
         self._state = _State.OPEN
 
@@ -108,13 +118,15 @@ class DatabaseSessionManager:
         if self._sessionmaker is None:
             raise self._not_open_error()
         production = self._sessionmaker
-        self._sessionmaker = async_sessionmaker(
-            bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint"
-        )
+        joined = joined_sessionmaker(connection)
+        self._sessionmaker = joined
         try:
             yield
         finally:
-            self._sessionmaker = production
+            # Unless close() (or close() then init()) ran meanwhile: never resurrect
+            # a factory whose engine was disposed.
+            if self._sessionmaker is joined:
+                self._sessionmaker = production
 
     def _not_open_error(self) -> DatabaseNotInitializedError:
         if self._state is _State.CLOSED:

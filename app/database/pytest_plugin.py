@@ -13,11 +13,13 @@ inside one transaction that is rolled back afterwards.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from sqlalchemy import func, inspect, select, table
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -26,8 +28,8 @@ from sqlalchemy.pool import QueuePool
 from ._base import Base
 from ._manager import DatabaseSessionManager, session_manager
 from .testing import (
+    DatabaseSetupError,
     QueryCount,
-    TestDatabaseError,
     count_queries,
     create_test_database,
     drop_test_database,
@@ -47,22 +49,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _check_loop_scopes(config: pytest.Config) -> None:
-    # The engine is created once per run: a test on another event loop would hang
-    # or fail deep inside the driver, so refuse the configuration up front.
-    wrong = [name for name in LOOP_SCOPE_OPTIONS if config.getini(name) != "session"]
-    if wrong:
+def pytest_configure(config: pytest.Config) -> None:
+    # The engine lives for the whole run on the session's event loop (the fixtures
+    # below say so themselves); a test on another loop would hang or fail deep in
+    # the driver, so refuse that configuration before anything runs.
+    try:
+        test_loop_scope = config.getini("asyncio_default_test_loop_scope")
+    except ValueError:
+        raise pytest.UsageError(
+            "app.database.pytest_plugin needs pytest-asyncio >= 1.0: install it"
+        ) from None
+    if test_loop_scope != "session":
         raise pytest.UsageError(
             "app.database.pytest_plugin shares one engine across the run: set "
-            + " and ".join(f'{name} = "session"' for name in wrong)
-            + " in your pytest configuration"
+            'asyncio_default_test_loop_scope = "session" in your pytest configuration'
         )
 
 
-@pytest.fixture(scope="session", name="database_url")
+@pytest_asyncio.fixture(scope="session", loop_scope="session", name="database_url")
 async def database_url_fixture(request: pytest.FixtureRequest) -> AsyncIterator[URL]:
     """This process's own database, created for the run and dropped after it."""
-    _check_loop_scopes(request.config)
     configured = os.environ.get(URL_VARIABLE) or request.config.getini("test_database_url")
     if not configured:
         raise pytest.UsageError(
@@ -70,11 +76,21 @@ async def database_url_fixture(request: pytest.FixtureRequest) -> AsyncIterator[
             "test_database_url in your pytest configuration"
         )
     base = make_url(configured)
-    url = base.set(database=f"{base.database or 'test'}_{os.getpid()}")
+    # pid and a random part: unique per xdist worker, and across CI jobs whose
+    # processes share a server (pids repeat across containers).
+    suffix = f"{os.getpid()}_{secrets.token_hex(2)}"
+    url = base.set(database=f"{base.database or 'test'}_{suffix}")
     try:
         await create_test_database(url)
-    except TestDatabaseError as error:
-        pytest.exit(str(error), returncode=3)
+    except DatabaseSetupError as error:
+        message = (
+            f"{error}. Point {URL_VARIABLE} (or test_database_url) at a PostgreSQL "
+            "server where the user may create databases."
+        )
+        if hasattr(request.config, "workerinput"):
+            # pytest.exit() in an xdist worker loses the message (an INTERNALERROR).
+            pytest.fail(message, pytrace=False)
+        pytest.exit(message, returncode=3)
     yield url
     await drop_test_database(url)
 
@@ -117,7 +133,7 @@ def _row_counts(connection: Connection) -> dict[str, int]:
     return {name: count or 0 for name, count in counts.items()}
 
 
-@pytest.fixture(scope="session", name="database")
+@pytest_asyncio.fixture(scope="session", loop_scope="session", name="database")
 async def database_fixture(
     database_url: URL,
     database_manager: DatabaseSessionManager,
@@ -128,33 +144,44 @@ async def database_fixture(
     try:
         async with database_manager.engine.begin() as connection:
             await connection.run_sync(database_migrate)
+            # Rows the migrations seed are not residue.
+            seeded = await connection.run_sync(_row_counts)
         yield database_manager
         # Zero cleanup must still mean zero residue.
         async with database_manager.engine.connect() as connection:
-            residue = {
-                name: count
-                for name, count in (await connection.run_sync(_row_counts)).items()
-                if count
-            }
+            counts = await connection.run_sync(_row_counts)
     finally:
         await database_manager.close()
+    residue = {
+        name: n - seeded.get(name, 0) for name, n in counts.items() if n != seeded.get(name, 0)
+    }
     assert not residue, f"rows persisted past the rollback isolation: {residue}"
 
 
-@pytest.fixture(name="db_connection")
+def _checked_out(manager: DatabaseSessionManager) -> int:
+    pool = manager.engine.pool
+    return pool.checkedout() if isinstance(pool, QueuePool) else 0
+
+
+@pytest_asyncio.fixture(loop_scope="session", name="db_connection")
 async def db_connection_fixture(
     database: DatabaseSessionManager,
 ) -> AsyncIterator[AsyncConnection]:
     """The test's outer transaction; every session of the manager joins it meanwhile."""
+    before = _checked_out(database)
     async with isolated(database) as connection:
         yield connection
-    # A session the test forgot to close would hold its connection past the test.
-    pool = database.engine.pool
-    if isinstance(pool, QueuePool) and pool.checkedout():
-        pytest.fail(f"{pool.checkedout()} connection(s) still checked out after the test")
+    # Compared with before the test, so that one leak is blamed on one test only.
+    leaked = _checked_out(database) - before
+    if leaked > 0:
+        pytest.fail(
+            f"{leaked} connection(s) still checked out after the test: close what it "
+            "opens, e.g. with `async with engine.connect() as connection:`",
+            pytrace=False,
+        )
 
 
-@pytest.fixture(name="db_session")
+@pytest_asyncio.fixture(loop_scope="session", name="db_session")
 async def db_session_fixture(db_connection: AsyncConnection) -> AsyncIterator[AsyncSession]:
     """A session inside the test's transaction; its commit() releases a savepoint."""
     async with joined_session(db_connection) as session:

@@ -6,6 +6,8 @@ isolation fixtures have rolled the test's transaction back.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 
@@ -14,12 +16,25 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import ForeignKey, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncConnection, AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
 
-from app.database import AsyncSessionDep, DatabaseSessionManager, session_manager
-from app.database.testing import QueryCount, joined_session
+from app.database import (
+    AsyncSessionDep,
+    DatabaseNotInitializedError,
+    DatabaseSessionManager,
+    TransactionAbortedError,
+    session_manager,
+)
+from app.database.testing import (
+    IsolationError,
+    QueryCount,
+    isolated,
+    joined_session,
+    share_session_with_app,
+)
 from app.models import Item
 
 PROBE_TABLE = "isolation_ddl_probe"
@@ -32,7 +47,13 @@ async def nothing_persists_fixture(
     """After the test's rollback, no item row and no table it created remain."""
     yield
     assert await observer.fetchval("SELECT count(*) FROM items") == 0
-    for table in (PROBE_TABLE, "counter_probe_shelf", "counter_probe_book"):
+    scratch_tables = (
+        "counter_probe_shelf",
+        "counter_probe_book",
+        "deferred_parent",
+        "deferred_child",
+    )
+    for table in (PROBE_TABLE, *scratch_tables):
         assert await observer.fetchval("SELECT to_regclass($1)", table) is None
 
 
@@ -200,3 +221,107 @@ async def test_query_counter_exposes_an_n_plus_one_load(
 
     assert lazy.count == 1 + 3, lazy
     assert eager.count == 2, eager
+
+
+def _app_swallowing_errors(share_with: AsyncSession | None) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/swallow", status_code=201)
+    async def swallow(db: AsyncSessionDep) -> None:
+        db.add(Item(name="lost-unless-refused"))
+        await db.flush()
+        # The mistake under test: route code swallowing a database error.
+        with contextlib.suppress(DBAPIError):
+            await db.execute(text("SELECT 1/0"))
+
+    @app.post("/items/{name}", status_code=201)
+    async def create(db: AsyncSessionDep, name: str) -> None:
+        db.add(Item(name=name))
+
+    if share_with is not None:
+        share_session_with_app(app, share_with)
+    return app
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["joined", "shared-session"])
+async def test_swallowed_error_fails_the_request_and_not_the_next(
+    nothing_persists: None, db_session: AsyncSession, shared: bool
+) -> None:
+    """As in production, the request that swallowed an error fails; the next one works."""
+    transport = httpx.ASGITransport(app=_app_swallowing_errors(db_session if shared else None))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        with pytest.raises(TransactionAbortedError):
+            await client.post("/swallow")
+        response = await client.post("/items/next-request")
+
+    assert response.status_code == 201
+    assert await _names(db_session) == ["next-request"]
+
+
+async def test_outer_commit_is_refused_and_rolled_back(
+    nothing_persists: None, db_connection: AsyncConnection
+) -> None:
+    """Committing the test's outer transaction would defeat isolation: it raises instead."""
+    await db_connection.execute(text("INSERT INTO items (name) VALUES ('escaping')"))
+
+    with pytest.raises(IsolationError, match=re.escape("commit a session instead")):
+        await db_connection.commit()
+
+
+DEFERRED_SCHEMA = [
+    "CREATE TABLE deferred_parent (id int PRIMARY KEY)",
+    "CREATE TABLE deferred_child (id int PRIMARY KEY, parent_id int NOT NULL"
+    " REFERENCES deferred_parent (id) DEFERRABLE INITIALLY DEFERRED)",
+]
+
+
+async def test_deferred_constraints_stay_deferred_within_a_unit_of_work(
+    nothing_persists: None, db_connection: AsyncConnection
+) -> None:
+    """A child inserted before its parent, as a deferred key allows, works in a test too."""
+    for statement in DEFERRED_SCHEMA:
+        await db_connection.execute(text(statement))
+
+    async with session_manager.session() as db:
+        await db.execute(text("INSERT INTO deferred_child VALUES (1, 10)"))
+        await db.execute(text("INSERT INTO deferred_parent VALUES (10)"))
+
+    assert await db_connection.scalar(text("SELECT count(*) FROM deferred_child")) == 1
+
+
+async def test_deferred_violation_fails_at_the_end_of_the_test(
+    nothing_persists: None, database: DatabaseSessionManager
+) -> None:
+    """A violation still deferred when the test ends is reported, not rolled away."""
+    with pytest.raises(IntegrityError, match="deferred_child"):
+        async with isolated(database) as connection:
+            for statement in DEFERRED_SCHEMA:
+                await connection.execute(text(statement))
+            async with session_manager.session() as db:
+                await db.execute(text("INSERT INTO deferred_child VALUES (1, 404)"))
+
+
+async def test_manager_is_restored_after_an_error_in_isolation(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """After isolated() exits by an exception, session() commits for real again."""
+    with pytest.raises(LookupError):
+        async with isolated(committed_db):
+            raise LookupError("test failed")
+
+    async with committed_db.session() as db:
+        db.add(Item(name="real-commit"))
+
+    assert await observer.fetchval("SELECT count(*) FROM items") == 1
+
+
+async def test_close_inside_isolation_is_not_undone(database_url: URL) -> None:
+    """close() during isolation leaves the manager closed, not reconnected on exit."""
+    manager = DatabaseSessionManager()
+    manager.init(url=database_url)
+    async with isolated(manager):
+        await manager.close()
+
+    with pytest.raises(DatabaseNotInitializedError, match="is closed"):
+        async with manager.session():
+            pass

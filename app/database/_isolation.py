@@ -1,0 +1,91 @@
+"""Rollback isolation: a test's work runs in one outer transaction that is never committed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from ._manager import DatabaseSessionManager, joined_sessionmaker
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+
+class IsolationError(RuntimeError):
+    """The test tried to commit the outer transaction that keeps it isolated."""
+
+
+def _refuse_outer_commit(connection: Connection) -> None:
+    # SQLAlchemy treats a transaction whose commit raised as finished and skips the
+    # pool's reset: roll back here, or the test's work would ride along to the next
+    # checkout and could be committed there.
+    connection.engine.dialect.do_rollback(connection.connection)
+    raise IsolationError(
+        "the test's outer transaction must not be committed, or its work would persist: "
+        "commit a session instead (its commit() only releases a savepoint)"
+    )
+
+
+@asynccontextmanager
+async def isolated(manager: DatabaseSessionManager) -> AsyncIterator[AsyncConnection]:
+    """Open an outer transaction, join every session of `manager` to it, roll it back at exit.
+
+    Yields the connection, for extra sessions (`joined_session`) or `count_queries`.
+    If the block ends normally, constraints deferred to COMMIT are checked before
+    the rollback, so a violation fails the test instead of vanishing with it.
+    """
+    engine = manager.engine
+    async with engine.connect() as connection:
+        outer = await connection.begin()
+        sync_connection = connection.sync_connection
+        if sync_connection is None:  # pragma: no cover - connect() always sets it
+            raise RuntimeError("connect() returned a closed connection")
+        event.listen(sync_connection, "commit", _refuse_outer_commit)
+        try:
+            with manager._sessions_joining(connection):
+                yield connection
+            # (Not after a refused outer commit: the transaction is already gone.)
+            if outer.is_active and connection.dialect.name == "postgresql":
+                # Checks every constraint still deferred now, as COMMIT would have.
+                await connection.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
+        finally:
+            event.remove(sync_connection, "commit", _refuse_outer_commit)
+            # The connection's rollback(), not outer's: it also clears the state a
+            # refused commit leaves behind.
+            await connection.rollback()
+            if manager._engine is not engine:
+                # close() ran during the block and disposed of the pool this connection
+                # would return to, which would leave it open: close it now.
+                await connection.invalidate()
+
+
+def joined_session(connection: AsyncConnection) -> AsyncSession:
+    """A new session inside the test's transaction, configured like the manager's."""
+    return joined_sessionmaker(connection)()
+
+
+def share_session_with_app(app: FastAPI, session: AsyncSession) -> None:
+    """Make every request of the FastAPI `app` use `session` itself.
+
+    Routes then share the test's identity map. Like `get_db`, the override commits
+    (releases the savepoint) when the route returns and rolls back when it raises;
+    a failed request therefore also rolls back the test's own uncommitted work.
+    """
+    from ._fastapi import get_db  # here, so that this module imports without FastAPI
+
+    async def test_session() -> AsyncIterator[AsyncSession]:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            # Also after a failed commit: leave the session usable for the test.
+            await session.rollback()
+            raise
+
+    overrides: dict[Any, Any] = app.dependency_overrides
+    overrides[get_db] = test_session
