@@ -4,7 +4,7 @@ Enable it with one line in your root `conftest.py`:
 
     pytest_plugins = ["app.database.pytest_plugin"]
 
-The run gets its own database, `<name>_<pid>` (so one per xdist worker), named
+The run gets its own database, `<name>_<pid>_<random>` (one per xdist worker), named
 by `TEST_DATABASE_URL` or the `test_database_url` ini option, migrated once and
 dropped at the end. Each test that uses `db_session` (or `db_connection`) runs
 inside one transaction that is rolled back afterwards.
@@ -45,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "test_database_url",
         "database URL for the test run; TEST_DATABASE_URL overrides it. The run "
-        "creates and drops <name>_<pid> on that server.",
+        "creates and drops <name>_<pid>_<random> on that server.",
     )
 
 
