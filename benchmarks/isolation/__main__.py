@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from app.database.testing import TestDatabaseError, create_test_database, drop_test_database
+from app.database.testing import DatabaseSetupError, create_test_database, drop_test_database
 
 from .report import Samples, markdown_table, overhead_line
 from .schema import metadata
@@ -56,9 +56,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return options
 
 
-async def create_schema(url: URL) -> str:
-    """Create database `url` with the benchmark's tables; return the server's version."""
+async def create_schema(url: URL, created: list[URL]) -> str:
+    """Create database `url` with the benchmark's tables; return the server's version.
+
+    `url` is appended to `created` as soon as the database exists, for the clean-up.
+    """
     await create_test_database(url)
+    # Only now is it ours: a name already taken (another run's, say) or a server
+    # that does not answer leaves nothing for the clean-up to drop.
+    created.append(url)
     # NullPool: no connection may stay open to what becomes a template database.
     engine = create_async_engine(url, poolclass=NullPool)
     try:
@@ -104,9 +110,10 @@ async def run(argv: Sequence[str]) -> str:
     base = make_url(os.environ.get(URL_VARIABLE) or DEFAULT_URL)
     prefix = f"{base.database or 'bench_isolation'}_{os.getpid()}"
     strategies = [kind(base.set(database=f"{prefix}_{kind.name}")) for kind in STRATEGIES]
+    created: list[URL] = []
     try:
         for strategy in strategies:
-            server_version = await create_schema(strategy.url)
+            server_version = await create_schema(strategy.url, created)
         for strategy in strategies:
             await strategy.start()
         samples = await measure(strategies, options)
@@ -115,8 +122,8 @@ async def run(argv: Sequence[str]) -> str:
     finally:
         for strategy in strategies:
             await strategy.close()
-            for url in strategy.databases():
-                await drop_test_database(url)
+        for url in created:
+            await drop_test_database(url)
     command = shlex.join(["python", "-m", "benchmarks.isolation", *argv])
     return "\n".join(
         [
@@ -138,11 +145,15 @@ async def run(argv: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(asyncio.run(run(sys.argv[1:] if argv is None else argv)))
-    except TestDatabaseError as error:
-        print(f"benchmarks.isolation: {error}", file=sys.stderr)
+    except DatabaseSetupError as error:
+        print(
+            f"benchmarks.isolation: {error}.\nPoint {URL_VARIABLE} at a PostgreSQL server "
+            f"where this user may create databases (default {DEFAULT_URL}).",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
-        # The databases were dropped on the way out; no traceback to read.
+        # The databases it created were dropped on the way out; no traceback to read.
         print("benchmarks.isolation: interrupted, nothing measured", file=sys.stderr)
         return 130
     return 0

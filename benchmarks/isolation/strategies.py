@@ -33,10 +33,6 @@ class Strategy(ABC):
         self.manager = DatabaseSessionManager()
         self._keys = count()
 
-    def databases(self) -> list[URL]:
-        """Every database the strategy may create, for the run to drop at its end."""
-        return [self.url]
-
     def next_key(self) -> str:
         # Unique per run, so that `bare`, which never cleans up, never collides.
         return f"{self.name}-{next(self._keys)}"
@@ -121,9 +117,6 @@ class Template(Strategy):
         self.copy_url = url.set(database=f"{url.database}_copy")
         self._admin: AsyncEngine | None = None
         self._connection: AsyncConnection | None = None
-
-    def databases(self) -> list[URL]:
-        return [self.url, self.copy_url]
 
     async def start(self) -> None:
         self._admin = create_async_engine(

@@ -1,7 +1,8 @@
 """`app/database/` copied alone into another project still works there.
 
 The package is meant to be lifted into other services: these tests prove it
-imports nothing from `app`, and that batch use does not need FastAPI at all.
+imports nothing from `app`, that batch use does not need FastAPI at all, and
+that `testing` (isolation without the plugin) needs neither FastAPI nor pytest.
 Each script runs in a fresh interpreter, where only the copy is importable.
 """
 
@@ -91,22 +92,26 @@ import asyncio
 import os
 import sys
 
+BLOCKED = {"fastapi", "starlette", "pytest", "_pytest"}
 
-class BlockFastAPI:
-    # Stands in for an environment where FastAPI was never installed.
+
+class Block:
+    # Stands in for an environment where FastAPI and pytest were never installed:
+    # a batch job, or a test runner other than pytest.
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {"fastapi", "starlette"}:
+        if name.partition(".")[0] in BLOCKED:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return None
 
 
-sys.meta_path.insert(0, BlockFastAPI())
+sys.meta_path.insert(0, Block())
 
 import database
+import database.testing
 from sqlalchemy import text
 
-assert "fastapi" not in sys.modules, "importing the package imported fastapi"
-assert "starlette" not in sys.modules, "importing the package imported starlette"
+for name in sorted(BLOCKED):
+    assert name not in sys.modules, f"importing the package imported {name}"
 
 
 async def main() -> None:
@@ -114,6 +119,9 @@ async def main() -> None:
     try:
         async with database.session_manager.session() as db:
             assert await db.scalar(text("SELECT 1")) == 1
+        async with database.testing.isolated(database.session_manager):
+            async with database.session_manager.session() as db:
+                assert await db.scalar(text("SELECT 1")) == 1
     finally:
         await database.session_manager.close()
 
@@ -126,6 +134,8 @@ except ModuleNotFoundError as error:
     assert "fastapi" in str(error), error
 else:
     raise AssertionError("get_db was available without fastapi")
+for name in sorted(BLOCKED):
+    assert name not in sys.modules, f"using the package imported {name}"
 print("no-fastapi ok")
 """
 
@@ -161,8 +171,10 @@ async def test_copied_package_serves_a_fastapi_app_and_batch_jobs(
     assert "extraction ok" in result.stdout
 
 
-async def test_copied_package_works_without_fastapi(project: Path, database_url: URL) -> None:
-    """Without FastAPI the copy imports and session() works; only get_db needs FastAPI."""
+async def test_copied_package_works_without_fastapi_or_pytest(
+    project: Path, database_url: URL
+) -> None:
+    """Without FastAPI or pytest the copy and its testing module work; only get_db needs FastAPI."""
     result = await _run_script(project, NO_FASTAPI_SCRIPT, database_url)
 
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,5 @@
-"""Smoke test of `python -m benchmarks.isolation`: it runs, reports, and cleans up.
+"""Smoke test of `python -m benchmarks.isolation`: it runs, reports, cleans up, and
+without a server it says which setting to fix.
 
 Tiny sizes, so it proves the benchmark works, not what it measures; the figures
 come from a full run (`make bench-isolation`).
@@ -42,3 +43,21 @@ async def test_benchmark_reports_every_strategy_and_drops_its_databases(
         "SELECT datname FROM pg_database WHERE starts_with(datname, $1)", prefix
     )
     assert [row["datname"] for row in left] == []
+
+
+async def test_benchmark_without_a_server_names_the_setting_to_fix() -> None:
+    """With no server at BENCH_DATABASE_URL it exits 2 with a short message, no traceback."""
+    # Port 1: nothing listens there, so the very first CREATE DATABASE cannot connect.
+    url = "postgresql+asyncpg://postgres@127.0.0.1:1/bench_isolation"
+    env = {**os.environ, "BENCH_DATABASE_URL": url}
+
+    result = await run_python(
+        *("-m", "benchmarks.isolation", "--rounds", "1", "--tests", "1"),
+        cwd=REPO_ROOT,
+        env=env,
+    )
+
+    assert result.returncode == 2, result.output
+    assert "no PostgreSQL server answers" in result.stderr, result.output
+    assert "BENCH_DATABASE_URL" in result.stderr, result.output
+    assert "Traceback" not in result.output, result.output

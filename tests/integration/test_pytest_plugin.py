@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
+import zlib
+
 import asyncpg
 import pytest
 from sqlalchemy.engine import URL
 
 from tests.paths import REPO_ROOT
 
-NOTES_TESTS = """
-from sqlalchemy import func, select
+# In a module of its own, so that a conftest can seed the table before any test runs.
+NOTES_MODEL = """
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.database import Base, session_manager
+from app.database import Base
 
 
 class Note(Base):
@@ -20,6 +24,13 @@ class Note(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     body: Mapped[str]
+"""
+
+NOTES_TESTS = """
+from sqlalchemy import func, select
+
+from app.database import session_manager
+from probe_notes import Note
 
 
 async def _count(session):
@@ -36,94 +47,249 @@ async def test_b_nothing_left_from_the_other_test(db_session):
     assert await _count(db_session) == 0
 """
 
+SEEDING_CONFTEST = """
+import pytest
+from sqlalchemy import insert
+
+from app.database import Base
+from probe_notes import Note
+
+pytest_plugins = ["app.database.pytest_plugin"]
+
+
+@pytest.fixture(scope="session", name="database_migrate")
+def database_migrate_fixture():
+    def migrate(connection):
+        Base.metadata.create_all(connection)
+        connection.execute(insert(Note), [{"body": "seeded"}])
+
+    return migrate
+"""
+
+SEEDED_TESTS = """
+from sqlalchemy import select
+
+from app.database import session_manager
+from probe_notes import Note
+
+
+async def _bodies(session):
+    return sorted(await session.scalars(select(Note.body)))
+
+
+async def test_a_code_under_test_commits(db_session):
+    async with session_manager.session() as db:
+        db.add(Note(body="written by the code under test"))
+    assert await _bodies(db_session) == ["seeded", "written by the code under test"]
+
+
+async def test_b_only_the_seeded_row_is_left(db_session):
+    assert await _bodies(db_session) == ["seeded"]
+"""
+
+ESCAPING_TESTS = """
+from sqlalchemy import insert
+
+from probe_notes import Note
+
+
+async def test_commits_outside_the_isolation(database, db_session):
+    async with database.engine.begin() as connection:
+        await connection.execute(insert(Note), [{"body": "escaped"}])
+"""
+
+LEAKING_TESTS = """
+LEAKED = []
+
+
+async def test_a_keeps_a_connection(database, db_connection):
+    LEAKED.append(await database.engine.connect())
+
+
+async def test_b_innocent_after_the_leak(db_connection):
+    pass
+
+
+async def test_c_release(database):
+    await LEAKED.pop().close()
+"""
+
+# The plugin appends `_<pid>_<4 hex>` (at most 13 characters) to the base name,
+# and PostgreSQL truncates names past 63.
+MAX_BASE_NAME = 63 - 13
+
+
+@pytest.fixture(name="probe_name")
+def probe_name_fixture(request: pytest.FixtureRequest) -> str:
+    """The base name of this test's inner runs, shared with no other test or worker."""
+    # Our pid tells this worker's runs from the other worker's; the test's name (cut
+    # short, with a checksum of all of it) tells this test's from the previous one's.
+    name = request.node.name
+    slug = re.sub(r"\W+", "_", name.removeprefix("test_"))[:16].strip("_")
+    base = f"plugin_probe_{os.getpid()}_{slug}_{zlib.crc32(name.encode()):08x}"
+    assert len(base) <= MAX_BASE_NAME, base
+    return base
+
 
 def _project(
     pytester: pytest.Pytester,
     monkeypatch: pytest.MonkeyPatch,
-    database_url: URL,
-    test_loop_scope: str,
+    server: URL,
+    *,
+    asyncio_mode: str | None = "auto",
+    test_loop_scope: str = "session",
+    conftest: str = 'pytest_plugins = ["app.database.pytest_plugin"]',
 ) -> None:
+    """An inner project using the plugin on `server`: ini, conftest and the notes model."""
     # The inner runs import this repository's package, and name their server by ini.
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
     monkeypatch.delenv("TEST_DATABASE_URL", raising=False)
-    server = database_url.set(database="plugin_probe").render_as_string(hide_password=False)
+    mode = f"asyncio_mode = {asyncio_mode}" if asyncio_mode else ""
     pytester.makeini(
         f"""
         [pytest]
-        asyncio_mode = auto
+        {mode}
         asyncio_default_fixture_loop_scope = session
         asyncio_default_test_loop_scope = {test_loop_scope}
         filterwarnings = error
-        test_database_url = {server}
+        test_database_url = {server.render_as_string(hide_password=False)}
         """
     )
-    pytester.makeconftest('pytest_plugins = ["app.database.pytest_plugin"]')
-    pytester.makepyfile(test_notes=NOTES_TESTS)
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(probe_notes=NOTES_MODEL)
 
 
-async def _leftover_probe_databases(observer: asyncpg.Connection) -> int:
+@pytest.fixture(name="server")
+def server_fixture(database_url: URL, probe_name: str) -> URL:
+    """The outer run's server, with this test's base name for the inner runs' databases."""
+    return database_url.set(database=probe_name)
+
+
+async def _leftover_probe_databases(observer: asyncpg.Connection, probe_name: str) -> int:
     count: int = await observer.fetchval(
-        "SELECT count(*) FROM pg_database WHERE datname LIKE 'plugin_probe%'"
+        "SELECT count(*) FROM pg_database WHERE starts_with(datname, $1)", f"{probe_name}_"
     )
     return count
 
 
-@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+@pytest.mark.parametrize(
+    "workers",
+    # loadfile: both tests on one worker, or the second could not show the first's rollback.
+    [[], ["-n", "2", "--dist", "loadfile"]],
+    ids=["serial", "xdist"],
+)
 async def test_one_line_enables_isolated_tests(
     pytester: pytest.Pytester,
     monkeypatch: pytest.MonkeyPatch,
-    database_url: URL,
+    server: URL,
+    probe_name: str,
     observer: asyncpg.Connection,
     workers: list[str],
 ) -> None:
     """A new project's tests are isolated, each process on its own database, dropped after."""
-    _project(pytester, monkeypatch, database_url, test_loop_scope="session")
+    _project(pytester, monkeypatch, server)
+    pytester.makepyfile(test_notes=NOTES_TESTS)
 
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers)
 
     result.assert_outcomes(passed=2)
-    assert await _leftover_probe_databases(observer) == 0
+    assert await _leftover_probe_databases(observer, probe_name) == 0
+
+
+async def test_strict_mode_with_session_loop_markers_works(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    server: URL,
+    probe_name: str,
+    observer: asyncpg.Connection,
+) -> None:
+    """In pytest-asyncio's default strict mode, tests marked for the session loop are isolated."""
+    # No asyncio_mode line: strict is pytest-asyncio's default.
+    _project(pytester, monkeypatch, server, asyncio_mode=None)
+    marked = 'import pytest\n\npytestmark = pytest.mark.asyncio(loop_scope="session")\n'
+    pytester.makepyfile(test_notes=marked + NOTES_TESTS)
+
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+
+    result.assert_outcomes(passed=2)
+    assert await _leftover_probe_databases(observer, probe_name) == 0
+
+
+async def test_rows_seeded_by_the_migration_are_not_residue(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    server: URL,
+    probe_name: str,
+    observer: asyncpg.Connection,
+) -> None:
+    """A row the schema build inserts is visible to the tests and not reported at the end."""
+    _project(pytester, monkeypatch, server, conftest=SEEDING_CONFTEST)
+    pytester.makepyfile(test_seeded=SEEDED_TESTS)
+
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+
+    result.assert_outcomes(passed=2)
+    assert "rows persisted" not in result.stdout.str() + result.stderr.str()
+    assert await _leftover_probe_databases(observer, probe_name) == 0
+
+
+async def test_commit_outside_the_isolation_is_reported_at_the_end(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    server: URL,
+    probe_name: str,
+    observer: asyncpg.Connection,
+) -> None:
+    """A row committed through a connection of its own is residue, counted past the seeded."""
+    _project(pytester, monkeypatch, server, conftest=SEEDING_CONFTEST)
+    pytester.makepyfile(test_escaping=ESCAPING_TESTS)
+
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        ["*rows persisted past the rollback isolation: {'plugin_probe_notes': 1}*"]
+    )
+    assert await _leftover_probe_databases(observer, probe_name) == 0
 
 
 async def test_mismatched_loop_scope_is_a_clear_error(
     pytester: pytest.Pytester,
     monkeypatch: pytest.MonkeyPatch,
-    database_url: URL,
+    server: URL,
+    probe_name: str,
     observer: asyncpg.Connection,
 ) -> None:
     """Tests on per-function event loops would cross the engine's loop: refused, not hung."""
-    _project(pytester, monkeypatch, database_url, test_loop_scope="function")
+    _project(pytester, monkeypatch, server, test_loop_scope="function")
+    pytester.makepyfile(test_notes=NOTES_TESTS)
 
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
 
-    assert result.ret != 0
-    result.stdout.fnmatch_lines(['*asyncio_default_test_loop_scope = "session"*'])
-    assert await _leftover_probe_databases(observer) == 0
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(['*asyncio_default_test_loop_scope = "session"*'])
+    assert await _leftover_probe_databases(observer, probe_name) == 0
 
 
-async def test_connection_left_checked_out_fails_the_test(
+async def test_connection_left_checked_out_fails_only_that_test(
     pytester: pytest.Pytester,
     monkeypatch: pytest.MonkeyPatch,
-    database_url: URL,
+    server: URL,
+    probe_name: str,
     observer: asyncpg.Connection,
 ) -> None:
-    """A test that keeps a pooled connection past its end is reported, not left to leak."""
-    _project(pytester, monkeypatch, database_url, test_loop_scope="session")
-    pytester.makepyfile(
-        test_leak="""
-        import pytest
+    """A test that keeps a pooled connection is reported; a later test is not blamed for it."""
+    _project(pytester, monkeypatch, server)
+    pytester.makepyfile(test_leak=LEAKING_TESTS)
 
-        LEAKED = []
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
 
-        async def test_keeps_a_connection(database, db_connection):
-            LEAKED.append(await database.engine.connect())
-
-        async def test_zz_release(database):
-            await LEAKED.pop().close()
-        """
+    # The leak fails the leaking test's teardown: an error, on that test alone.
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*1 connection(s) still checked out after the test*",
+            "ERROR test_leak.py::test_a_keeps_a_connection*",
+        ]
     )
-
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_leak.py")
-
-    result.stdout.fnmatch_lines(["*1 connection(s) still checked out after the test*"])
-    assert await _leftover_probe_databases(observer) == 0
+    assert await _leftover_probe_databases(observer, probe_name) == 0
