@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+from sqlalchemy import exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -15,10 +17,12 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import Pool, QueuePool
 
 from ._config import engine_options, parse_async_url
 from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
 from ._guards import GuardedSession, install_commit_guard
+from ._liveness import install_liveness_check
 
 # expire_on_commit=False: attributes stay loaded after commit, so a route can return
 # a committed object without an implicit (and, in async, illegal) reload.
@@ -31,6 +35,14 @@ def joined_sessionmaker(connection: AsyncConnection) -> async_sessionmaker[Async
     return async_sessionmaker(
         bind=connection, join_transaction_mode="create_savepoint", **SESSION_OPTIONS
     )
+
+
+def _pool_capacity(pool: Pool) -> int | None:
+    """How many connections the pool can hand out at once; None if unbounded."""
+    if not isinstance(pool, QueuePool):
+        return None  # NullPool, StaticPool, ...: nothing to queue for
+    max_overflow: int = getattr(pool, "_max_overflow", -1)  # no public accessor
+    return None if max_overflow < 0 else pool.size() + max_overflow
 
 
 class _State(enum.Enum):
@@ -46,6 +58,9 @@ class DatabaseSessionManager:
         self._state = _State.NEW
         self._engine: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        # Admits units of work first come, first served (see session()).
+        self._admission: asyncio.Semaphore | None = None
+        self._admission_timeout = 30.0
 
     def __repr__(self) -> str:
         if self._engine is None:
@@ -67,9 +82,21 @@ class DatabaseSessionManager:
             )
         parsed = parse_async_url(url)
         options = engine_options(engine_kwargs)
+        # asyncpg: a check costing 0-1 round trips instead of pre-ping's 3, unless
+        # the caller asked for pool_pre_ping either way.
+        cheap_liveness = parsed.get_dialect().driver == "asyncpg" and (
+            "pool_pre_ping" not in engine_kwargs
+        )
+        if cheap_liveness:
+            options["pool_pre_ping"] = False
         engine = create_async_engine(parsed, **options)
+        if cheap_liveness:
+            install_liveness_check(engine.sync_engine)
         if engine.dialect.name == "postgresql":
             install_commit_guard(engine.sync_engine)
+        capacity = _pool_capacity(engine.pool)
+        self._admission = asyncio.Semaphore(capacity) if capacity else None
+        self._admission_timeout = float(options.get("pool_timeout", 30.0))
         self._sessionmaker = async_sessionmaker(engine, **SESSION_OPTIONS)
         self._engine = engine
         self._state = _State.OPEN
@@ -82,6 +109,7 @@ class DatabaseSessionManager:
         # Refuse new sessions before awaiting, so none starts on a pool being disposed.
         self._engine = None
         self._sessionmaker = None
+        self._admission = None
         self._state = _State.CLOSED
         await engine.dispose()
 
@@ -102,11 +130,32 @@ class DatabaseSessionManager:
         if self._sessionmaker is None:
             raise self._not_open_error()
         # AsyncSession.__aexit__ closes the session shielded from cancellation.
-        async with self._sessionmaker() as session:
+        async with self._admitted(), self._sessionmaker() as session:
             yield session
             # Reached only when the block did not raise: commit whatever is pending,
             # including work done after an explicit commit() inside the block.
             await session.commit()
+
+    @asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        # The pool hands a returned connection to whoever asks at that instant, so
+        # under a burst some waiters starve for seconds while newcomers pass. A FIFO
+        # semaphore sized to the pool queues units of work fairly instead.
+        admission = self._admission
+        if admission is None:
+            yield
+            return
+        try:
+            await asyncio.wait_for(admission.acquire(), self._admission_timeout)
+        except asyncio.TimeoutError:
+            raise exc.TimeoutError(
+                f"no database connection became free within {self._admission_timeout:g} s: "
+                "raise pool_size/max_overflow or pool_timeout, or shed load"
+            ) from None
+        try:
+            yield
+        finally:
+            admission.release()
 
     @contextmanager
     def _sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 import app.database._fastapi
@@ -12,6 +13,7 @@ from app.database import (
     DatabaseAlreadyInitializedError,
     DatabaseNotInitializedError,
     DatabaseSessionManager,
+    _liveness,
     get_db,
 )
 
@@ -46,16 +48,34 @@ async def test_get_db_before_init_names_the_fix(
 
 
 async def test_init_sets_the_documented_defaults(manager: DatabaseSessionManager) -> None:
-    """init() creates an engine with pre-ping and hourly recycling, sessions keep state."""
+    """asyncpg: cheap liveness check, not pre-ping; hourly recycling; state kept on commit."""
     manager.init(url=URL)
     try:
         engine = manager.engine
         assert isinstance(engine, AsyncEngine)
-        assert engine.pool._pre_ping is True
+        assert engine.pool._pre_ping is False
+        assert event.contains(engine.sync_engine, "checkout", _liveness._ensure_alive)
         assert engine.pool._recycle == 3600
         async with manager.session() as session:
             assert isinstance(session, AsyncSession)
             assert session.sync_session.expire_on_commit is False
+    finally:
+        await manager.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [("sqlite+aiosqlite:///:memory:", {}), (URL, {"pool_pre_ping": True})],
+    ids=["other-driver", "asked-for"],
+)
+async def test_pre_ping_is_kept_for_other_drivers_and_when_asked_for(
+    manager: DatabaseSessionManager, url: str, options: dict[str, bool]
+) -> None:
+    """pool_pre_ping stays on where the cheap check does not apply or the caller set it."""
+    manager.init(url=url, **options)
+    try:
+        assert manager.engine.pool._pre_ping is True
+        assert not event.contains(manager.engine.sync_engine, "checkout", _liveness._ensure_alive)
     finally:
         await manager.close()
 

@@ -1,0 +1,95 @@
+"""The cheap liveness check: connections that died in the pool never fail a request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import URL
+
+from app.database import DatabaseSessionManager, _liveness
+
+APPLICATION = f"liveness-test-{os.getpid()}"
+
+
+@pytest.fixture(name="manager")
+async def manager_fixture(database_url: URL) -> AsyncIterator[DatabaseSessionManager]:
+    """A private manager whose backends can be found by their application_name."""
+    manager = DatabaseSessionManager()
+    manager.init(
+        url=database_url,
+        pool_size=3,
+        max_overflow=0,
+        connect_args={"server_settings": {"application_name": APPLICATION}},
+    )
+    yield manager
+    await manager.close()
+
+
+async def _backends(observer: asyncpg.Connection) -> list[int]:
+    rows = await observer.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1", APPLICATION
+    )
+    return [row["pid"] for row in rows]
+
+
+async def _select_one(manager: DatabaseSessionManager) -> int | None:
+    async with manager.session() as db:
+        return await db.scalar(select(1))
+
+
+@pytest.mark.parametrize("fresh_seconds", [_liveness.FRESH_SECONDS, 0.0], ids=["fresh", "stale"])
+async def test_requests_succeed_after_every_pooled_connection_was_killed(
+    manager: DatabaseSessionManager,
+    observer: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_seconds: float,
+) -> None:
+    """pg_terminate_backend on every idle pooled connection, then 10 requests: all succeed."""
+    monkeypatch.setattr(_liveness, "FRESH_SECONDS", fresh_seconds)
+    await asyncio.gather(*(_select_one(manager) for _ in range(3)))
+    killed = await _backends(observer)
+    assert len(killed) == 3
+
+    await observer.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        APPLICATION,
+    )
+    for _ in range(500):  # the backends exit asynchronously; give them up to 5 s
+        if not await _backends(observer):
+            break
+        await asyncio.sleep(0.01)
+
+    results = [await _select_one(manager) for _ in range(10)]
+
+    assert results == [1] * 10
+    assert not set(await _backends(observer)) & set(killed)
+
+
+@pytest.mark.parametrize(
+    ("fresh_seconds", "pinged"), [(60.0, False), (0.0, True)], ids=["used-moments-ago", "idle"]
+)
+async def test_ping_is_sent_only_for_a_connection_idle_longer_than_the_window(
+    manager: DatabaseSessionManager,
+    observer: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_seconds: float,
+    pinged: bool,
+) -> None:
+    """A recently returned connection is reused with no round trip; an idle one is pinged."""
+    monkeypatch.setattr(_liveness, "FRESH_SECONDS", fresh_seconds)
+    await _select_one(manager)
+
+    async with manager.engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        pid = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]  # asyncpg's
+        last_query = await observer.fetchval(
+            "SELECT query FROM pg_stat_activity WHERE pid = $1", pid
+        )
+
+    # The ping is the empty statement ";", which PostgreSQL shows as an empty query.
+    assert (last_query.strip(" ;") == "") is pinged, last_query
