@@ -22,7 +22,8 @@ ASYNC_DRIVERS = {
 }
 
 ENGINE_DEFAULTS: dict[str, Any] = {
-    # Replace connections the server closed while they sat idle in the pool.
+    # Replace connections the server closed while they sat idle in the pool
+    # (for asyncpg, the manager swaps this for its cheaper check).
     "pool_pre_ping": True,
     # Recycle before server or proxy idle limits cut connections (RDS, PgBouncer).
     "pool_recycle": 3600,

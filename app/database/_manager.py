@@ -72,7 +72,8 @@ class DatabaseSessionManager:
         """Create the engine and session factory; call once at start-up.
 
         `engine_kwargs` go to `create_async_engine` and override the defaults
-        (`pool_pre_ping=True`, `pool_recycle=3600`, `hide_parameters=True`).
+        (`pool_recycle=3600`, `hide_parameters=True`; for asyncpg the package's
+        liveness check, for other drivers `pool_pre_ping=True`).
         Nothing connects yet: the first session opens the first connection.
         """
         if self._state is _State.OPEN:
