@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-from-lock
 PORT ?= 8000
 
-.PHONY: venv demo lint test test-sqlalchemy-2.0 bench-isolation clean lock
+.PHONY: venv demo lint test test-sqlalchemy-2.0 bench-isolation bench-venv bench clean lock
 
 venv: $(STAMP)
 
@@ -45,6 +45,22 @@ test-sqlalchemy-2.0: $(VENV20)/.installed
 bench-isolation: venv
 	$(BIN)/python -m benchmarks.isolation
 
+# The request path of one app shape on five session layers (raw asyncpg, the seed
+# pattern, ours, advanced-alchemy, fastapi-async-sqlalchemy), side by side: a few
+# minutes on two cores; see benchmarks/README.md. The peers are benchmark-only, so
+# they get a venv of their own, pinned in requirements-bench.txt.
+VENVBENCH := .venv-bench
+$(VENVBENCH)/.installed: requirements.lock requirements-bench.txt
+	$(PYTHON) -m venv $(VENVBENCH)
+	$(VENVBENCH)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-r requirements.lock -r requirements-bench.txt
+	touch $@
+
+bench-venv: $(VENVBENCH)/.installed
+
+bench: bench-venv
+	$(VENVBENCH)/bin/python -m benchmarks.request_path
+
 # Re-pin every dependency to the newest allowed versions (needs the registry).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -55,4 +71,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) $(VENV20) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV20) $(VENVBENCH) .mypy_cache .pytest_cache .ruff_cache

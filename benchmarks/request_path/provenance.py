@@ -1,0 +1,63 @@
+"""What a run prints before measuring: its command, seed, versions and the package's commit.
+
+`ours` measures whatever app/database holds, committed or not, so the header says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+from collections.abc import Sequence
+from importlib import metadata
+
+from .load import GET_SHARE
+from .timing import CONCURRENCIES, batch_size
+
+DISTRIBUTIONS = (
+    *("fastapi", "starlette", "pydantic", "sqlalchemy", "asyncpg", "uvicorn", "httpx"),
+    *("advanced-alchemy", "fastapi-async-sqlalchemy"),
+)
+
+
+def package_revision() -> str:
+    """The commit `ours` was measured at, and whether app/database differs from it."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head, changes = (
+            subprocess.run(
+                command, cwd=root, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            for command in (
+                ["git", "rev-parse", "--short", "HEAD"],
+                ["git", "status", "--porcelain", "--", "app/database"],
+            )
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git checkout)"
+    return f"{head}, " + ("with uncommitted changes in app/database" if changes else "clean")
+
+
+def _version(distribution: str) -> str:
+    try:
+        return f"{distribution} {metadata.version(distribution)}"
+    except metadata.PackageNotFoundError:
+        return f"{distribution} (not installed)"
+
+
+def header(argv: Sequence[str], options: argparse.Namespace, skipped: list[str]) -> list[str]:
+    low = batch_size(options.requests, 1)
+    lines = [
+        f"command: {shlex.join(['python', '-m', 'benchmarks.request_path', *argv])}",
+        f"seed: {options.seed} (pass --seed {options.seed} to repeat this order and load)",
+        f"versions: Python {platform.python_version()}, "
+        + ", ".join(_version(name) for name in DISTRIBUTIONS),
+        f"app.database at: {package_revision()}",
+        f"load: {GET_SHARE:.0%} GET /rows/{{id}} and {1 - GET_SHARE:.0%} POST /rows, mixed; "
+        f"{options.rounds} rounds, each one batch per variant and concurrency "
+        f"({options.requests} requests at c={max(CONCURRENCIES)}, {low} at c=1), "
+        "in a shuffled order; apps called in-process through ASGI",
+    ]
+    return lines + [f"skipped {note}" for note in skipped]

@@ -1,0 +1,179 @@
+"""A TCP proxy in front of PostgreSQL that counts the round trips its clients make.
+
+A round trip is one client message that the server answers with ReadyForQuery
+and that the client waits for before it goes on: a Sync ('S'), which closes each
+extended-protocol exchange (a prepare, or a bind and execute), or a simple Query
+('Q': BEGIN, COMMIT, ROLLBACK, the ping `;`, asyncpg's reset). Every byte is
+forwarded unchanged; only the client's messages are parsed, to count and name them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+# Startup-phase requests that ask for encryption; answered 'N' here, so that the
+# conversation stays plain text this proxy can read.
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CHUNK = 65536
+
+
+class RoundTripProxy:
+    """Listens on 127.0.0.1 (port from `start()`), forwards to PostgreSQL, counts."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self._upstream = (upstream_host, upstream_port)
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self.round_trips = 0
+        self.connections = 0
+        self.trace: list[str] = []
+        self._recording = False
+
+    async def start(self) -> int:
+        """Start listening; return the port to connect to."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def reset(self, record: bool = False) -> None:
+        """Zero the counters; with `record`, name each round trip in `trace` from now on."""
+        self.round_trips = 0
+        self.connections = 0
+        self.trace = []
+        self._recording = record
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._handlers:
+            # The clients have closed their pools by now: let each handler see its
+            # hang-up and finish; cut only a connection still open after that.
+            _, still_open = await asyncio.wait(set(self._handlers), timeout=5)
+            for handler in still_open:
+                handler.cancel()
+            await asyncio.gather(*still_open, return_exceptions=True)
+
+    def _count(self, label: str) -> None:
+        self.round_trips += 1
+        if self._recording:
+            self.trace.append(label)
+
+    async def _serve(
+        self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
+    ) -> None:
+        handler = asyncio.current_task()
+        if handler is not None:  # always: start_server runs each connection in a task
+            self._handlers.add(handler)
+        self.connections += 1
+        server_out: asyncio.StreamWriter | None = None
+        try:
+            server_in, server_out = await asyncio.open_connection(*self._upstream)
+            await self._startup(client_in, client_out, server_out)
+            pipes = [
+                asyncio.ensure_future(self._client_to_server(client_in, server_out)),
+                asyncio.ensure_future(_pipe(server_in, client_out)),
+            ]
+            try:
+                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pipe in pipes:
+                    pipe.cancel()
+                await asyncio.gather(*pipes, return_exceptions=True)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # a side hung up mid-message: the other side sees the close
+        except asyncio.CancelledError:
+            # Cut by close(); re-raised, Python 3.11's start_server would log it as
+            # an error, and nothing awaits this task but close(), which cut it.
+            pass
+        finally:
+            for writer in (client_out, server_out):
+                if writer is not None:
+                    writer.close()
+            if handler is not None:
+                self._handlers.discard(handler)
+
+    async def _startup(
+        self,
+        client_in: asyncio.StreamReader,
+        client_out: asyncio.StreamWriter,
+        server_out: asyncio.StreamWriter,
+    ) -> None:
+        # Startup-phase messages have no type byte: a length, then a request code.
+        while True:
+            header = await client_in.readexactly(4)
+            body = await client_in.readexactly(int.from_bytes(header, "big") - 4)
+            if int.from_bytes(body[:4], "big") in (SSL_REQUEST, GSSENC_REQUEST):
+                client_out.write(b"N")
+                await client_out.drain()
+                continue
+            server_out.write(header + body)  # the StartupMessage (or a CancelRequest)
+            await server_out.drain()
+            return
+
+    async def _client_to_server(
+        self, client_in: asyncio.StreamReader, server_out: asyncio.StreamWriter
+    ) -> None:
+        messages = _MessageReader(self._count)
+        while data := await client_in.read(CHUNK):
+            server_out.write(data)  # forwarded at once; parsing never delays a byte
+            messages.feed(data)
+            await server_out.drain()
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    while data := await source.read(CHUNK):
+        sink.write(data)
+        await sink.drain()
+    with contextlib.suppress(OSError):
+        sink.write_eof()
+
+
+class _MessageReader:
+    """Splits one connection's client stream into messages and reports each round trip."""
+
+    def __init__(self, count: Callable[[str], None]) -> None:
+        self._count = count
+        self._buffer = bytearray()
+        self._statements: dict[bytes, str] = {}  # prepared statement name -> its verb
+        self._pending = ""  # what the next Sync completes, for the trace
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        # After startup every message is a type byte, then a length that counts itself.
+        while len(self._buffer) >= 5:
+            end = 1 + int.from_bytes(self._buffer[1:5], "big")
+            if len(self._buffer) < end:
+                return
+            kind, payload = chr(self._buffer[0]), bytes(self._buffer[5:end])
+            del self._buffer[:end]
+            self._handle(kind, payload)
+
+    def _handle(self, kind: str, payload: bytes) -> None:
+        if kind == "P":  # Parse: statement name, query, ...
+            name, query, _ = payload.split(b"\0", 2)
+            self._statements[name] = _first_word(query)
+            self._pending = f"prepare {self._statements[name]}"
+        elif kind == "B":  # Bind: portal name, statement name, ...
+            _, name, _ = payload.split(b"\0", 2)
+            self._pending = self._statements.get(name, "execute")
+        elif kind == "S":
+            self._count(self._pending or "sync")
+            self._pending = ""
+        elif kind == "Q":
+            self._count(_shortened(payload.rstrip(b"\0")))
+
+
+def _first_word(query: bytes) -> str:
+    words = query.decode(errors="replace").split(maxsplit=1)
+    return words[0].upper() if words else ";"
+
+
+def _shortened(query: bytes, limit: int = 40) -> str:
+    text = " ".join(query.decode(errors="replace").split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
