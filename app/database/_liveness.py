@@ -3,7 +3,7 @@
 SQLAlchemy's asyncpg ping is `BEGIN; ; ROLLBACK`, three round trips on every
 checkout. This check costs nothing for a connection the server has visibly
 closed (asyncpg saw the socket close), nothing for one returned to the pool
-moments ago, and one round trip (a simple-protocol `;`) otherwise.
+moments ago, and one round trip (a simple-protocol `SELECT 1`) otherwise.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def _ensure_alive(
     if checked_in is None or time.monotonic() - checked_in < FRESH_SECONDS:
         return  # new from connect(), or used moments ago
     try:
-        await_only(driver_connection.execute(";", timeout=PING_TIMEOUT_SECONDS))
+        # Not ";": asyncpg 0.32 fails on the empty query's missing command tag.
+        await_only(driver_connection.execute("SELECT 1", timeout=PING_TIMEOUT_SECONDS))
     except Exception as error:
         raise DisconnectionError(f"ping failed: {type(error).__name__}") from error

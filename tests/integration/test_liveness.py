@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.database import DatabaseSessionManager, _liveness
 
@@ -80,16 +81,23 @@ async def test_ping_is_sent_only_for_a_connection_idle_longer_than_the_window(
     fresh_seconds: float,
     pinged: bool,
 ) -> None:
-    """A recently returned connection is reused with no round trip; an idle one is pinged."""
+    """A recently returned connection is reused as is; an idle one is pinged and kept."""
     monkeypatch.setattr(_liveness, "FRESH_SECONDS", fresh_seconds)
-    await _select_one(manager)
+    async with manager.engine.connect() as connection:
+        first_pid = await _server_pid(connection)
 
     async with manager.engine.connect() as connection:
-        raw = await connection.get_raw_connection()
-        pid = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]  # asyncpg's
+        pid = await _server_pid(connection)
         last_query = await observer.fetchval(
             "SELECT query FROM pg_stat_activity WHERE pid = $1", pid
         )
 
-    # The ping is the empty statement ";", which PostgreSQL shows as an empty query.
-    assert (last_query.strip(" ;") == "") is pinged, last_query
+    # The same backend both times: a healthy connection is never replaced.
+    assert pid == first_pid
+    assert (last_query == "SELECT 1") is pinged, last_query
+
+
+async def _server_pid(connection: AsyncConnection) -> int:
+    raw = await connection.get_raw_connection()
+    pid: int = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]  # asyncpg's
+    return pid
