@@ -15,14 +15,12 @@ from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
-    create_async_engine,
 )
-from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.pool import QueuePool
 
-from ._config import engine_options, parse_async_url
+from ._engine import build_engine, pool_capacity
 from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
-from ._guards import GuardedSession, install_commit_guard
-from ._liveness import install_liveness_check
+from ._guards import GuardedSession
 
 # expire_on_commit=False: attributes stay loaded after commit, so a route can return
 # a committed object without an implicit (and, in async, illegal) reload.
@@ -35,14 +33,6 @@ def joined_sessionmaker(connection: AsyncConnection) -> async_sessionmaker[Async
     return async_sessionmaker(
         bind=connection, join_transaction_mode="create_savepoint", **SESSION_OPTIONS
     )
-
-
-def _pool_capacity(pool: Pool) -> int | None:
-    """How many connections the pool can hand out at once; None if unbounded."""
-    if not isinstance(pool, QueuePool):
-        return None  # NullPool, StaticPool, ...: nothing to queue for
-    max_overflow: int = getattr(pool, "_max_overflow", -1)  # no public accessor
-    return None if max_overflow < 0 else pool.size() + max_overflow
 
 
 class _State(enum.Enum):
@@ -81,23 +71,11 @@ class DatabaseSessionManager:
                 "DatabaseSessionManager is already initialised: call "
                 "`await session_manager.close()` before calling `init()` again"
             )
-        parsed = parse_async_url(url)
-        options = engine_options(engine_kwargs)
-        # asyncpg: a check costing 0-1 round trips instead of pre-ping's 3, unless
-        # the caller asked for pool_pre_ping either way.
-        cheap_liveness = parsed.get_dialect().driver == "asyncpg" and (
-            "pool_pre_ping" not in engine_kwargs
-        )
-        if cheap_liveness:
-            options["pool_pre_ping"] = False
-        engine = create_async_engine(parsed, **options)
-        if cheap_liveness:
-            install_liveness_check(engine.sync_engine)
-        if engine.dialect.name == "postgresql":
-            install_commit_guard(engine.sync_engine)
-        capacity = _pool_capacity(engine.pool)
+        engine = build_engine(url, engine_kwargs)
+        capacity = pool_capacity(engine.pool)
         self._admission = asyncio.Semaphore(capacity) if capacity else None
-        self._admission_timeout = float(options.get("pool_timeout", 30.0))
+        if isinstance(engine.pool, QueuePool):
+            self._admission_timeout = engine.pool.timeout()
         self._sessionmaker = async_sessionmaker(engine, **SESSION_OPTIONS)
         self._engine = engine
         self._state = _State.OPEN

@@ -34,7 +34,8 @@ async def test_health_reports_ok_and_pool_counters(live_client: httpx.AsyncClien
     body = response.json()
     assert (body["status"], body["database"]) == ("ok", "ok")
     assert body["pool"]["checkedout"] == 0
-    assert body["pool"]["size"] == 5
+    # pool_size + max_overflow (5 + 10), all kept: see the package README.
+    assert body["pool"]["size"] == 15
 
 
 async def test_health_is_503_when_the_database_does_not_answer(

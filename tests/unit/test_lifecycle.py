@@ -7,6 +7,7 @@ import re
 import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.pool import QueuePool
 
 import app.database._fastapi
 from app.database import (
@@ -82,10 +83,28 @@ async def test_pre_ping_is_kept_for_other_drivers_and_when_asked_for(
 
 async def test_engine_options_override_the_defaults(manager: DatabaseSessionManager) -> None:
     """Keyword arguments to init() reach create_async_engine and win over defaults."""
-    manager.init(url=URL, pool_pre_ping=False, pool_recycle=60, pool_size=3)
+    manager.init(url=URL, pool_pre_ping=False, pool_recycle=60, pool_timeout=7)
     try:
         pool = manager.engine.pool
-        assert (pool._pre_ping, pool._recycle, pool.size()) == (False, 60, 3)  # type: ignore[attr-defined]  # QueuePool's size()
+        assert isinstance(pool, QueuePool)
+        assert (pool._pre_ping, pool._recycle, pool.timeout()) == (False, 60, 7)
+    finally:
+        await manager.close()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "kept"),
+    [({}, 15), ({"pool_size": 3, "max_overflow": 2}, 5), ({"pool_size": 4, "max_overflow": 0}, 4)],
+)
+async def test_pool_keeps_every_connection_it_may_open(
+    manager: DatabaseSessionManager, sizes: dict[str, int], kept: int
+) -> None:
+    """pool_size + max_overflow connections are all kept: none is closed on its return."""
+    manager.init(url=URL, **sizes)
+    try:
+        pool = manager.engine.pool
+        assert isinstance(pool, QueuePool)
+        assert (pool.size(), pool.overflow()) == (kept, -kept)
     finally:
         await manager.close()
 
