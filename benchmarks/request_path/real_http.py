@@ -92,7 +92,9 @@ async def over_http(
             server = await UvicornServer.start(variant, url)
             stack.push_async_callback(server.stop)
             servers[variant.name] = server
-            limits = httpx.Limits(max_connections=max(CONCURRENCIES))
+            # Idle between this variant's batches, a kept-alive connection outlives
+            # uvicorn's 5 s keep-alive and is reset under the next request: expire it first.
+            limits = httpx.Limits(max_connections=max(CONCURRENCIES), keepalive_expiry=1.0)
             client = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", limits=limits)
             )
