@@ -7,14 +7,19 @@ so the same code serves in-process calls and a real uvicorn server.
 # No `from __future__ import annotations`: FastAPI resolves a route's annotations
 # in the module's globals, where the closures' local dependencies are not found.
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, FastAPI, HTTPException
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from app.database import DatabaseSessionManager
 
@@ -82,14 +87,7 @@ def seed_app(url: URL) -> FastAPI:
                 await session.rollback()
                 raise
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await engine.dispose()
-
-    return add_session_routes(FastAPI(lifespan=lifespan), Depends(get_db))
+    return add_session_routes(FastAPI(lifespan=disposing(engine)), Depends(get_db))
 
 
 def ours_app(url: URL) -> FastAPI:
@@ -110,6 +108,19 @@ def ours_app(url: URL) -> FastAPI:
             await manager.close()
 
     return add_session_routes(FastAPI(lifespan=lifespan), Depends(get_db, scope="function"))
+
+
+def disposing(engine: AsyncEngine) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """A lifespan that disposes of `engine` at shutdown, for variants that own one."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    return lifespan
 
 
 def add_session_routes(app: FastAPI, depends: Any) -> FastAPI:

@@ -9,14 +9,12 @@ mypy, which runs in the main venv, then sees their names as `Any`.
 # in the module's globals, where the closures' local dependencies are not found.
 
 import importlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, HTTPException
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from .apps import add_session_routes
+from .apps import add_session_routes, disposing
 from .shape import (
     INSERT_ROW_TEXT,
     MAX_OVERFLOW,
@@ -75,14 +73,7 @@ def fastapi_async_sqlalchemy_app(url: URL) -> FastAPI:
     # lifespan can dispose of.
     engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await engine.dispose()
-
-    app = FastAPI(lifespan=lifespan)
+    app = FastAPI(lifespan=disposing(engine))
     app.add_middleware(middleware, custom_engine=engine, commit_on_exit=True)
 
     @app.get("/rows/{row_id}")
