@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from sqlalchemy import exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -16,9 +14,8 @@ from sqlalchemy.ext.asyncio import (
     AsyncSession,
     async_sessionmaker,
 )
-from sqlalchemy.pool import QueuePool
 
-from ._engine import build_engine, pool_capacity
+from ._engine import build_engine
 from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
 from ._guards import GuardedSession
 
@@ -48,9 +45,6 @@ class DatabaseSessionManager:
         self._state = _State.NEW
         self._engine: AsyncEngine | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
-        # Admits units of work first come, first served (see session()).
-        self._admission: asyncio.Semaphore | None = None
-        self._admission_timeout = 30.0
 
     def __repr__(self) -> str:
         if self._engine is None:
@@ -72,10 +66,6 @@ class DatabaseSessionManager:
                 "`await session_manager.close()` before calling `init()` again"
             )
         engine = build_engine(url, engine_kwargs)
-        capacity = pool_capacity(engine.pool)
-        self._admission = asyncio.Semaphore(capacity) if capacity else None
-        if isinstance(engine.pool, QueuePool):
-            self._admission_timeout = engine.pool.timeout()
         self._sessionmaker = async_sessionmaker(engine, **SESSION_OPTIONS)
         self._engine = engine
         self._state = _State.OPEN
@@ -88,7 +78,6 @@ class DatabaseSessionManager:
         # Refuse new sessions before awaiting, so none starts on a pool being disposed.
         self._engine = None
         self._sessionmaker = None
-        self._admission = None
         self._state = _State.CLOSED
         await engine.dispose()
 
@@ -109,32 +98,11 @@ class DatabaseSessionManager:
         if self._sessionmaker is None:
             raise self._not_open_error()
         # AsyncSession.__aexit__ closes the session shielded from cancellation.
-        async with self._admitted(), self._sessionmaker() as session:
+        async with self._sessionmaker() as session:
             yield session
             # Reached only when the block did not raise: commit whatever is pending,
             # including work done after an explicit commit() inside the block.
             await session.commit()
-
-    @asynccontextmanager
-    async def _admitted(self) -> AsyncIterator[None]:
-        # The pool hands a returned connection to whoever asks at that instant, so
-        # under a burst some waiters starve for seconds while newcomers pass. A FIFO
-        # semaphore sized to the pool queues units of work fairly instead.
-        admission = self._admission
-        if admission is None:
-            yield
-            return
-        try:
-            await asyncio.wait_for(admission.acquire(), self._admission_timeout)
-        except asyncio.TimeoutError:
-            raise exc.TimeoutError(
-                f"no database connection became free within {self._admission_timeout:g} s: "
-                "raise pool_size/max_overflow or pool_timeout, or shed load"
-            ) from None
-        try:
-            yield
-        finally:
-            admission.release()
 
     @contextmanager
     def _sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:

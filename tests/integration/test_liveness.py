@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -101,3 +102,26 @@ async def _server_pid(connection: AsyncConnection) -> int:
     raw = await connection.get_raw_connection()
     pid: int = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]  # asyncpg's
     return pid
+
+
+async def test_a_connection_whose_server_stops_answering_is_replaced(
+    manager: DatabaseSessionManager, observer: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle pooled connection whose backend hangs fails its ping and is replaced."""
+    monkeypatch.setattr(_liveness, "FRESH_SECONDS", 0.0)
+    monkeypatch.setattr(_liveness, "PING_TIMEOUT_SECONDS", 0.2)
+    async with manager.engine.connect() as connection:
+        hung = await _server_pid(connection)
+    try:
+        # A stopped backend keeps its socket open and answers nothing: what a
+        # silently dead peer looks like from here, and only the ping can tell.
+        os.kill(hung, signal.SIGSTOP)
+    except PermissionError:
+        pytest.skip("needs to signal PostgreSQL's backend processes (run as root or postgres)")
+    try:
+        assert await _select_one(manager) == 1
+        async with manager.engine.connect() as connection:
+            assert await _server_pid(connection) != hung
+    finally:
+        os.kill(hung, signal.SIGCONT)
+        await observer.execute("SELECT pg_terminate_backend($1)", hung)
