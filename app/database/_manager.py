@@ -57,8 +57,9 @@ class DatabaseSessionManager:
 
         `engine_kwargs` go to `create_async_engine` and override the defaults
         (`pool_recycle=3600`, `hide_parameters=True`; for asyncpg the package's
-        liveness check, for other drivers `pool_pre_ping=True`).
-        Nothing connects yet: the first session opens the first connection.
+        liveness check, for other drivers `pool_pre_ping=True`). A QueuePool is
+        built to keep all `pool_size + max_overflow` connections, most recently
+        used first. Nothing connects yet: the first session opens the first one.
         """
         if self._state is _State.OPEN:
             raise DatabaseAlreadyInitializedError(
