@@ -25,7 +25,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from app.database.testing import DatabaseSetupError, create_test_database, drop_test_database
+from app.database.testing import create_test_database, drop_test_database
+from benchmarks.exits import clean_exits
 
 from .report import Samples, markdown_table, overhead_line
 from .schema import metadata
@@ -143,19 +144,8 @@ async def run(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    with clean_exits("benchmarks.isolation", URL_VARIABLE, DEFAULT_URL):
         print(asyncio.run(run(sys.argv[1:] if argv is None else argv)))
-    except DatabaseSetupError as error:
-        print(
-            f"benchmarks.isolation: {error}.\nPoint {URL_VARIABLE} at a PostgreSQL server "
-            f"where this user may create databases (default {DEFAULT_URL}).",
-            file=sys.stderr,
-        )
-        return 2
-    except KeyboardInterrupt:
-        # The databases it created were dropped on the way out; no traceback to read.
-        print("benchmarks.isolation: interrupted, nothing measured", file=sys.stderr)
-        return 130
     return 0
 
 

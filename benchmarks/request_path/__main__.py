@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import asyncpg
 from sqlalchemy.engine import URL, make_url
 
-from app.database.testing import DatabaseSetupError, create_test_database, drop_test_database
+from app.database.testing import create_test_database, drop_test_database
+from benchmarks.exits import clean_exits
 
 from .provenance import header
 from .real_http import over_http
@@ -163,19 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not variants:
         print("benchmarks.request_path: no variant left to run", file=sys.stderr)
         return 2
-    try:
+    with clean_exits("benchmarks.request_path", URL_VARIABLE, DEFAULT_URL):
         sections = asyncio.run(run(options, variants))
-    except DatabaseSetupError as error:
-        print(
-            f"benchmarks.request_path: {error}.\nPoint {URL_VARIABLE} at a PostgreSQL server "
-            f"where this user may create databases (default {DEFAULT_URL}).",
-            file=sys.stderr,
-        )
-        return 2
-    except KeyboardInterrupt:
-        # The database was dropped on the way out; no traceback to read.
-        print("benchmarks.request_path: interrupted, nothing measured", file=sys.stderr)
-        return 130
     print("\n".join(sections))
     print(f"wall time: {time.perf_counter() - started:.0f} s")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import zlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -172,6 +174,34 @@ async def _leftover_probe_databases(observer: asyncpg.Connection, probe_name: st
     return count
 
 
+class InnerProject:
+    """A project of its own that uses the plugin, and pytest run on it in a subprocess."""
+
+    def __init__(
+        self, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, server: URL
+    ) -> None:
+        self._pytester, self._monkeypatch, self._server = pytester, monkeypatch, server
+
+    def run(self, *args: str, files: dict[str, str], **project: Any) -> pytest.RunResult:
+        """Write the project (`project` goes to `_project`) and `files`, then run pytest."""
+        _project(self._pytester, self._monkeypatch, self._server, **project)
+        self._pytester.makepyfile(**files)
+        return self._pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+
+
+@pytest.fixture(name="inner")
+async def inner_fixture(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    server: URL,
+    probe_name: str,
+    observer: asyncpg.Connection,
+) -> AsyncIterator[InnerProject]:
+    """An inner project; after the test, none of its runs' databases may be left behind."""
+    yield InnerProject(pytester, monkeypatch, server)
+    assert await _leftover_probe_databases(observer, probe_name) == 0
+
+
 @pytest.mark.parametrize(
     "workers",
     # loadfile: both tests on one worker, or the second could not show the first's rollback.
@@ -179,110 +209,63 @@ async def _leftover_probe_databases(observer: asyncpg.Connection, probe_name: st
     ids=["serial", "xdist"],
 )
 async def test_one_line_enables_isolated_tests(
-    pytester: pytest.Pytester,
-    monkeypatch: pytest.MonkeyPatch,
-    server: URL,
-    probe_name: str,
-    observer: asyncpg.Connection,
+    inner: InnerProject,
     workers: list[str],
 ) -> None:
     """A new project's tests are isolated, each process on its own database, dropped after."""
-    _project(pytester, monkeypatch, server)
-    pytester.makepyfile(test_notes=NOTES_TESTS)
-
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers)
+    result = inner.run(*workers, files={"test_notes": NOTES_TESTS})
 
     result.assert_outcomes(passed=2)
-    assert await _leftover_probe_databases(observer, probe_name) == 0
 
 
 async def test_strict_mode_with_session_loop_markers_works(
-    pytester: pytest.Pytester,
-    monkeypatch: pytest.MonkeyPatch,
-    server: URL,
-    probe_name: str,
-    observer: asyncpg.Connection,
+    inner: InnerProject,
 ) -> None:
     """In pytest-asyncio's default strict mode, tests marked for the session loop are isolated."""
     # No asyncio_mode line: strict is pytest-asyncio's default.
-    _project(pytester, monkeypatch, server, asyncio_mode=None)
     marked = 'import pytest\n\npytestmark = pytest.mark.asyncio(loop_scope="session")\n'
-    pytester.makepyfile(test_notes=marked + NOTES_TESTS)
-
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inner.run(files={"test_notes": marked + NOTES_TESTS}, asyncio_mode=None)
 
     result.assert_outcomes(passed=2)
-    assert await _leftover_probe_databases(observer, probe_name) == 0
 
 
 async def test_rows_seeded_by_the_migration_are_not_residue(
-    pytester: pytest.Pytester,
-    monkeypatch: pytest.MonkeyPatch,
-    server: URL,
-    probe_name: str,
-    observer: asyncpg.Connection,
+    inner: InnerProject,
 ) -> None:
     """A row the schema build inserts is visible to the tests and not reported at the end."""
-    _project(pytester, monkeypatch, server, conftest=SEEDING_CONFTEST)
-    pytester.makepyfile(test_seeded=SEEDED_TESTS)
-
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inner.run(files={"test_seeded": SEEDED_TESTS}, conftest=SEEDING_CONFTEST)
 
     result.assert_outcomes(passed=2)
     assert "rows persisted" not in result.stdout.str() + result.stderr.str()
-    assert await _leftover_probe_databases(observer, probe_name) == 0
 
 
 async def test_commit_outside_the_isolation_is_reported_at_the_end(
-    pytester: pytest.Pytester,
-    monkeypatch: pytest.MonkeyPatch,
-    server: URL,
-    probe_name: str,
-    observer: asyncpg.Connection,
+    inner: InnerProject,
 ) -> None:
     """A row committed through a connection of its own is residue, counted past the seeded."""
-    _project(pytester, monkeypatch, server, conftest=SEEDING_CONFTEST)
-    pytester.makepyfile(test_escaping=ESCAPING_TESTS)
-
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inner.run(files={"test_escaping": ESCAPING_TESTS}, conftest=SEEDING_CONFTEST)
 
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines(
         ["*rows persisted past the rollback isolation: {'plugin_probe_notes': 1}*"]
     )
-    assert await _leftover_probe_databases(observer, probe_name) == 0
 
 
 async def test_mismatched_loop_scope_is_a_clear_error(
-    pytester: pytest.Pytester,
-    monkeypatch: pytest.MonkeyPatch,
-    server: URL,
-    probe_name: str,
-    observer: asyncpg.Connection,
+    inner: InnerProject,
 ) -> None:
     """Tests on per-function event loops would cross the engine's loop: refused, not hung."""
-    _project(pytester, monkeypatch, server, test_loop_scope="function")
-    pytester.makepyfile(test_notes=NOTES_TESTS)
-
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inner.run(files={"test_notes": NOTES_TESTS}, test_loop_scope="function")
 
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(['*asyncio_default_test_loop_scope = "session"*'])
-    assert await _leftover_probe_databases(observer, probe_name) == 0
 
 
 async def test_connection_left_checked_out_fails_only_that_test(
-    pytester: pytest.Pytester,
-    monkeypatch: pytest.MonkeyPatch,
-    server: URL,
-    probe_name: str,
-    observer: asyncpg.Connection,
+    inner: InnerProject,
 ) -> None:
     """A test that keeps a pooled connection is reported; a later test is not blamed for it."""
-    _project(pytester, monkeypatch, server)
-    pytester.makepyfile(test_leak=LEAKING_TESTS)
-
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inner.run(files={"test_leak": LEAKING_TESTS})
 
     # The leak fails the leaking test's teardown: an error, on that test alone.
     result.assert_outcomes(passed=3, errors=1)
@@ -292,4 +275,3 @@ async def test_connection_left_checked_out_fails_only_that_test(
             "ERROR test_leak.py::test_a_keeps_a_connection*",
         ]
     )
-    assert await _leftover_probe_databases(observer, probe_name) == 0
