@@ -31,6 +31,13 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "hide_parameters": True,
 }
 
+# asyncpg waits 60 s for a connection and forever for a statement, and SQLAlchemy
+# 30 s for a pooled connection: on a stalled network a request would hang that
+# long or longer. These bound every wait a request can make (README, "Timeouts").
+CONNECT_TIMEOUT_SECONDS = 5.0
+COMMAND_TIMEOUT_SECONDS = 30.0
+POOL_TIMEOUT_SECONDS = 5.0
+
 
 def parse_async_url(url: object) -> URL:
     """Return `url` as a `URL` whose driver is async, or raise `DatabaseConfigError`."""
@@ -87,7 +94,7 @@ def parse_async_url(url: object) -> URL:
     return parsed
 
 
-def engine_options(overrides: dict[str, Any]) -> dict[str, Any]:
+def engine_options(overrides: dict[str, Any], driver: str) -> dict[str, Any]:
     """Merge the caller's engine options over the defaults and check the pool sizes."""
     for name, minimum, hint in (
         (
@@ -103,4 +110,17 @@ def engine_options(overrides: dict[str, Any]) -> dict[str, Any]:
             raise DatabaseConfigError(
                 f"{name} must be an integer >= {minimum}, got {value!r} ({hint})"
             )
-    return {**ENGINE_DEFAULTS, **overrides}
+    options = {**ENGINE_DEFAULTS, **overrides}
+    if driver == "asyncpg":
+        _add_asyncpg_timeouts(options)
+    return options
+
+
+def _add_asyncpg_timeouts(options: dict[str, Any]) -> None:
+    # Merged key by key, so that connect_args={"server_settings": ...} keeps them.
+    connect_args = dict(options.get("connect_args") or {})
+    connect_args.setdefault("timeout", CONNECT_TIMEOUT_SECONDS)
+    connect_args.setdefault("command_timeout", COMMAND_TIMEOUT_SECONDS)
+    options["connect_args"] = connect_args
+    if "poolclass" not in options:  # NullPool and StaticPool take no pool_timeout
+        options.setdefault("pool_timeout", POOL_TIMEOUT_SECONDS)

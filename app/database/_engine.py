@@ -11,6 +11,7 @@ from sqlalchemy.pool import Pool, QueuePool
 from ._config import engine_options, parse_async_url
 from ._guards import install_commit_guard
 from ._liveness import install_liveness_check
+from ._timeouts import install_bounded_waits
 
 
 def pool_capacity(pool: Pool) -> int | None:
@@ -24,12 +25,11 @@ def pool_capacity(pool: Pool) -> int | None:
 def build_engine(url: str | URL, engine_kwargs: dict[str, Any]) -> AsyncEngine:
     """Validate `url`, apply the defaults, and add the package's checks to the engine."""
     parsed = parse_async_url(url)
-    options = engine_options(engine_kwargs)
+    driver = parsed.get_dialect().driver
+    options = engine_options(engine_kwargs, driver)
     # asyncpg: a check costing 0-1 round trips instead of pre-ping's 3, unless the
     # caller asked for pool_pre_ping either way.
-    cheap_liveness = parsed.get_dialect().driver == "asyncpg" and (
-        "pool_pre_ping" not in engine_kwargs
-    )
+    cheap_liveness = driver == "asyncpg" and ("pool_pre_ping" not in engine_kwargs)
     if cheap_liveness:
         options["pool_pre_ping"] = False
     engine = create_async_engine(parsed, **options)
@@ -46,6 +46,8 @@ def build_engine(url: str | URL, engine_kwargs: dict[str, Any]) -> AsyncEngine:
         engine = create_async_engine(parsed, **options)
     if cheap_liveness:
         install_liveness_check(engine.sync_engine)
+    if driver == "asyncpg":
+        install_bounded_waits(engine.sync_engine)
     if engine.dialect.name == "postgresql":
         install_commit_guard(engine.sync_engine)
     return engine

@@ -10,6 +10,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from ._drain import NOT_DRAINED
 from ._manager import DatabaseSessionManager, joined_sessionmaker
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ async def isolated(manager: DatabaseSessionManager) -> AsyncIterator[AsyncConnec
         if sync_connection is None:  # pragma: no cover - connect() always sets it
             raise RuntimeError("connect() returned a closed connection")
         event.listen(sync_connection, "commit", _refuse_outer_commit)
+        # The harness's own connection: close() inside the block must not cut it.
+        sync_connection.info[NOT_DRAINED] = True
         try:
             with manager._sessions_joining(connection):
                 yield connection
@@ -55,6 +58,7 @@ async def isolated(manager: DatabaseSessionManager) -> AsyncIterator[AsyncConnec
                 await connection.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
         finally:
             event.remove(sync_connection, "commit", _refuse_outer_commit)
+            sync_connection.info.pop(NOT_DRAINED, None)
             # The connection's rollback(), not outer's: it also clears the state a
             # refused commit leaves behind.
             await connection.rollback()

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
+from ._drain import Drain
 from ._engine import build_engine
 from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
 from ._guards import GuardedSession
@@ -23,6 +24,11 @@ from ._guards import GuardedSession
 # a committed object without an implicit (and, in async, illegal) reload.
 # GuardedSession: refuses to commit a unit of work in which a statement failed.
 SESSION_OPTIONS: dict[str, Any] = {"expire_on_commit": False, "sync_session_class": GuardedSession}
+
+
+# Long enough for a typical request to finish; short enough for an orchestrator's
+# shutdown budget (Kubernetes allows 30 s by default).
+CLOSE_GRACE_SECONDS = 10.0
 
 
 def joined_sessionmaker(connection: AsyncConnection) -> async_sessionmaker[AsyncSession]:
@@ -44,6 +50,7 @@ class DatabaseSessionManager:
     def __init__(self) -> None:
         self._state = _State.NEW
         self._engine: AsyncEngine | None = None
+        self._drain: Drain | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
 
     def __repr__(self) -> str:
@@ -67,20 +74,27 @@ class DatabaseSessionManager:
                 "`await session_manager.close()` before calling `init()` again"
             )
         engine = build_engine(url, engine_kwargs)
+        self._drain = Drain(engine, refusal=self._not_open_error)
         self._sessionmaker = async_sessionmaker(engine, **SESSION_OPTIONS)
         self._engine = engine
         self._state = _State.OPEN
 
-    async def close(self) -> None:
-        """Dispose of the engine and its pool; safe to call twice or before `init()`."""
-        engine = self._engine
-        if engine is None:
+    async def close(self, *, grace: float = CLOSE_GRACE_SECONDS) -> None:
+        """Dispose of the engine and its pool; safe to call twice or before `init()`.
+
+        New sessions are refused at once. Units of work already holding a
+        connection get `grace` seconds to finish; the connections still in use
+        then are cut, so their work fails and is rolled back by the server.
+        """
+        engine, drain = self._engine, self._drain
+        if engine is None or drain is None:
             return
         # Refuse new sessions before awaiting, so none starts on a pool being disposed.
         self._engine = None
+        self._drain = None
         self._sessionmaker = None
         self._state = _State.CLOSED
-        await engine.dispose()
+        await drain.close(grace)
 
     @property
     def engine(self) -> AsyncEngine:
