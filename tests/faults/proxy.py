@@ -15,7 +15,7 @@ import struct
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Self, TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -81,7 +81,7 @@ class FaultProxy:
         self._flowing = asyncio.Event()
         self._server: asyncio.Server | None = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         self._call(self._start)
         return self
