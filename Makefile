@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-from-lock
 PORT ?= 8000
 
-.PHONY: venv demo lint test test-sqlalchemy-2.0 bench-isolation bench-venv bench clean lock
+.PHONY: venv demo lint test test-sqlalchemy-2.0 soak bench-isolation bench-venv bench clean lock
 
 venv: $(STAMP)
 
@@ -39,6 +39,12 @@ $(VENV20)/.installed: requirements.lock requirements-sqlalchemy-2.0.txt
 
 test-sqlalchemy-2.0: $(VENV20)/.installed
 	$(VENV20)/bin/pytest -n 2
+
+# The fault scenarios for about a minute each under 50 writers, on a private
+# PostgreSQL cluster (initdb into a temporary directory): one line of figures per
+# scenario, non-zero exit if a promise broke. About 8 minutes; see README, "Reliability".
+soak: venv
+	$(BIN)/python -m tests.faults.soak
 
 # Per-test cost of each test isolation strategy, side by side (1-3 minutes, PostgreSQL
 # from BENCH_DATABASE_URL); prints a Markdown table, see benchmarks/README.md.

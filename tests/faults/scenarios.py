@@ -53,6 +53,16 @@ def _commit_fault(kind: str) -> Callable[[FaultServer, FaultProxy, float], None]
     return inject
 
 
+def _stall(_: FaultServer, proxy: FaultProxy, window: float) -> None:
+    proxy.stall()
+    time.sleep(window)
+    proxy.restore()
+
+
+def _cut(_: FaultServer, proxy: FaultProxy, __: float) -> None:
+    proxy.cut()
+
+
 # Each fault blocks until the database is ready again (or the injection window ends).
 FAULTS: dict[str, Callable[[FaultServer, FaultProxy, float], None]] = {
     "fast restart": _restart("fast"),
@@ -60,6 +70,8 @@ FAULTS: dict[str, Callable[[FaultServer, FaultProxy, float], None]] = {
     "terminate all": _terminate_app_backends,
     "cut before COMMIT": _commit_fault("drop"),
     "ack lost after COMMIT": _commit_fault("ack_lost"),
+    "network cut": _cut,
+    "network stall": _stall,
 }
 
 
@@ -74,6 +86,7 @@ class Figures:
     fault_seconds: float  # from injecting the fault until the database was ready again
     failed_after_ready: int  # writes sent after that which were not acknowledged
     recovery_seconds: float | None  # from ready until the first acknowledged write
+    slowest_seconds: float  # the longest any request waited for its answer
     commits_dropped: int
     acks_lost: int
     checked_out_after: int
@@ -89,7 +102,8 @@ class Figures:
             f"requests={o.requests} 2xx={o.acknowledged} non-2xx={o.refused} "
             f"transport_err={o.transport_errors} | LOST={o.lost} AMBIGUOUS={o.ambiguous} "
             f"PHANTOM={o.phantom} | fault={self.fault_seconds:.2f}s "
-            f"failed_after_ready={self.failed_after_ready} recovery={recovery} | "
+            f"failed_after_ready={self.failed_after_ready} recovery={recovery} "
+            f"slowest={self.slowest_seconds:.2f}s | "
             f"commits dropped={self.commits_dropped} acks_lost={self.acks_lost} | "
             f"after: checked_out={self.checked_out_after} "
             f"idle_in_txn={self.idle_in_transaction_after} backends={self.backends_after}"
@@ -139,6 +153,7 @@ async def run_scenario(
         fault_seconds=ready - injected,
         failed_after_ready=sum(w.sent > ready and not w.acknowledged for w in writes),
         recovery_seconds=_recovery(writes, ready),
+        slowest_seconds=max((w.received - w.sent for w in writes), default=0.0),
         commits_dropped=proxy.commits.dropped,
         acks_lost=proxy.commits.acks_lost,
         checked_out_after=checked_out,
