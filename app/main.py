@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from app import health, items
 from app.config import database_url
 from app.database import session_manager
+from app.errors import install_error_handlers
 
 
 @asynccontextmanager
@@ -25,6 +26,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Items", lifespan=lifespan)
     app.include_router(items.router)
     app.include_router(health.router)
+    install_error_handlers(app)
     return app
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._base import Base
+from ._classify import DatabaseErrorKind, classify_error
 from ._errors import (
     DatabaseAlreadyInitializedError,
     DatabaseConfigError,
     DatabaseNotInitializedError,
+    PoolExhaustedError,
     TransactionAbortedError,
 )
 from ._manager import DatabaseSessionManager, session_manager
@@ -25,9 +27,12 @@ __all__ = [
     "Base",
     "DatabaseAlreadyInitializedError",
     "DatabaseConfigError",
+    "DatabaseErrorKind",
     "DatabaseNotInitializedError",
     "DatabaseSessionManager",
+    "PoolExhaustedError",
     "TransactionAbortedError",
+    "classify_error",
     "get_db",
     "session_manager",
 ]

@@ -1,6 +1,8 @@
-"""Exceptions raised by the package when it is misused or misconfigured."""
+"""Exceptions raised by the package when it is misused, misconfigured or overloaded."""
 
 from __future__ import annotations
+
+from sqlalchemy import exc
 
 
 class DatabaseNotInitializedError(RuntimeError):
@@ -20,3 +22,10 @@ class DatabaseConfigError(ValueError):
 
 class TransactionAbortedError(RuntimeError):
     """COMMIT was attempted after a statement in the same transaction had failed."""
+
+
+class PoolExhaustedError(exc.TimeoutError):
+    """No pooled connection became free within `pool_timeout`.
+
+    A subclass of `sqlalchemy.exc.TimeoutError`, so existing handlers still catch it.
+    """

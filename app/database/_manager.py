@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 from ._drain import Drain
 from ._engine import build_engine
 from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
+from ._exhaustion import pool_exhaustion_explained
 from ._guards import GuardedSession
 
 # expire_on_commit=False: attributes stay loaded after commit, so a route can return
@@ -113,11 +114,13 @@ class DatabaseSessionManager:
         if self._sessionmaker is None:
             raise self._not_open_error()
         # AsyncSession.__aexit__ closes the session shielded from cancellation.
-        async with self._sessionmaker() as session:
-            yield session
-            # Reached only when the block did not raise: commit whatever is pending,
-            # including work done after an explicit commit() inside the block.
-            await session.commit()
+        # The pool's timeout becomes PoolExhaustedError, whose message names the fixes.
+        with pool_exhaustion_explained():
+            async with self._sessionmaker() as session:
+                yield session
+                # Reached only when the block did not raise: commit whatever is pending,
+                # including work done after an explicit commit() inside the block.
+                await session.commit()
 
     @contextmanager
     def _sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:

@@ -1,0 +1,151 @@
+"""`classify_error`: what kind of database failure an exception is, for retries and status codes.
+
+It reads the SQLSTATE PostgreSQL sent, through SQLAlchemy's wrapper and the
+driver's exception, and recognises the failures that carry none (pool
+exhaustion, lost connections, asyncpg's bare timeouts and socket errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Iterator
+from types import TracebackType
+
+from sqlalchemy import exc
+
+
+class DatabaseErrorKind(enum.Enum):
+    """What a caller can do about a database error; see `classify_error`."""
+
+    CONFLICT = "conflict"
+    """The data's current state refused the write (unique, foreign key, exclusion)."""
+    RETRYABLE = "retryable"
+    """The transaction lost to a concurrent one and was rolled back: run it again."""
+    UNAVAILABLE = "unavailable"
+    """No usable connection: database down, unreachable, read-only, or pool exhausted."""
+    TIMEOUT = "timeout"
+    """A statement, or a wait for a lock, ran out of time."""
+
+
+# Client-caused violations of the data's state. Not-null (23502) and check
+# (23514) violations are left out: they come from values the application should
+# have validated, a bug that must surface as one rather than as a "conflict".
+_CONFLICT = {
+    "23001": "restrict_violation",
+    "23503": "foreign_key_violation",
+    "23505": "unique_violation",
+    "23P01": "exclusion_violation",
+}
+_RETRYABLE = {
+    "40001": "serialization_failure",
+    "40P01": "deadlock_detected",
+}
+_TIMEOUT = {
+    "57014": "query_canceled",  # statement_timeout, or pg_cancel_backend()
+    "55P03": "lock_not_available",  # lock_timeout, or NOWAIT
+}
+_UNAVAILABLE = {
+    "25006": "read_only_sql_transaction",  # a standby, or a primary demoted by failover
+    "57P01": "admin_shutdown",
+    "57P02": "crash_shutdown",
+    "57P03": "cannot_connect_now",
+}
+# Whole SQLSTATE classes: 08 connection exceptions, 53 insufficient resources
+# (too many connections, out of memory, disk full).
+_UNAVAILABLE_CLASSES = ("08", "53")
+
+_KIND_BY_SQLSTATE = {
+    **dict.fromkeys(_CONFLICT, DatabaseErrorKind.CONFLICT),
+    **dict.fromkeys(_RETRYABLE, DatabaseErrorKind.RETRYABLE),
+    **dict.fromkeys(_TIMEOUT, DatabaseErrorKind.TIMEOUT),
+    **dict.fromkeys(_UNAVAILABLE, DatabaseErrorKind.UNAVAILABLE),
+}
+
+# A bare OSError or TimeoutError is the database's only if the driver raised it:
+# asyncpg's connect errors and its command_timeout reach the caller unwrapped.
+_DRIVER_PACKAGE = "asyncpg"
+# The frame every new asyncpg connection passes through: `asyncpg.connect()`.
+_CONNECT_FRAME = ("asyncpg.connection", "connect")
+
+
+def classify_error(error: BaseException) -> DatabaseErrorKind | None:
+    """The kind of database failure `error` is, or None if it is not one of the four.
+
+    None means a bug or a failure that is not the database's (a plain
+    `ValueError`, a syntax error, a not-null violation, a wrong password):
+    let it become a 500. It follows SQLAlchemy's `.orig` and explicit causes
+    (`raise ... from`), not the implicit context of an error raised while
+    handling another, which describes a failure of its own.
+    """
+    for link in _chain(error):
+        kind = _kind_of(link)
+        if kind is not None:
+            return kind
+    return None
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        link = pending.pop(0)
+        if id(link) in seen:
+            continue
+        seen.add(id(link))
+        yield link
+        # .orig: SQLAlchemy's DBAPIError wraps the driver's error (or its adapter).
+        for nested in (getattr(link, "orig", None), link.__cause__):
+            if isinstance(nested, BaseException):
+                pending.append(nested)
+
+
+def _kind_of(error: BaseException) -> DatabaseErrorKind | None:
+    # sqlalchemy.exc.TimeoutError is raised by the pool only: no connection became
+    # free within pool_timeout (PoolExhaustedError is a subclass).
+    if isinstance(error, (exc.TimeoutError, exc.DisconnectionError)):
+        return DatabaseErrorKind.UNAVAILABLE
+    sqlstate = _sqlstate(error)
+    if sqlstate is not None:
+        kind = _KIND_BY_SQLSTATE.get(sqlstate)
+        if kind is None and sqlstate[:2] in _UNAVAILABLE_CLASSES:
+            kind = DatabaseErrorKind.UNAVAILABLE
+        if kind is not None:
+            return kind
+    # SQLAlchemy decided the connection is gone (a server-side kill, a reset socket).
+    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
+        return DatabaseErrorKind.UNAVAILABLE
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError, OSError)):
+        return _driver_failure(error)
+    return None
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    # asyncpg's errors and SQLAlchemy's asyncpg adapter carry `sqlstate`;
+    # psycopg's carry `sqlstate`, psycopg2's `pgcode`.
+    for attribute in ("sqlstate", "pgcode"):
+        value = getattr(error, attribute, None)
+        if isinstance(value, str) and len(value) == 5:
+            return value
+    return None
+
+
+def _driver_failure(error: BaseException) -> DatabaseErrorKind | None:
+    frames = list(_frames(error.__traceback__))
+    if not any(module.partition(".")[0] == _DRIVER_PACKAGE for module, _ in frames):
+        return None  # raised by something other than the driver
+    if _CONNECT_FRAME in frames:
+        # Refused, unresolvable or timed out while connecting: the database is
+        # unreachable, whatever the exception's class.
+        return DatabaseErrorKind.UNAVAILABLE
+    # TimeoutError is an OSError: test it first.
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+        return DatabaseErrorKind.TIMEOUT  # asyncpg's command_timeout
+    return DatabaseErrorKind.UNAVAILABLE  # the socket failed mid-command
+
+
+def _frames(traceback: TracebackType | None) -> Iterator[tuple[str, str]]:
+    while traceback is not None:
+        frame = traceback.tb_frame
+        yield frame.f_globals.get("__name__", ""), frame.f_code.co_name
+        traceback = traceback.tb_next

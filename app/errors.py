@@ -1,0 +1,85 @@
+"""HTTP answers for database failures: 409, 503 with Retry-After, or 504, by `classify_error`.
+
+A body names the class of problem only, never the exception's text, which may
+carry SQL, parameter values or host names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc
+
+from app.database import DatabaseErrorKind, classify_error
+
+logger = logging.getLogger(__name__)
+
+# Every class a classified database error can have: SQLAlchemy's, and what asyncpg
+# raises unwrapped (its connect errors under SQLAlchemy 2.0, its command_timeout, a
+# refused socket). The handler re-raises whatever classify_error does not
+# recognise, so an OSError of any other origin still ends as a 500.
+DATABASE_ERROR_TYPES: tuple[type[Exception], ...] = (
+    exc.SQLAlchemyError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,  # ConnectionError, socket.gaierror, and TimeoutError
+    asyncio.TimeoutError,  # a class of its own on Python 3.10
+)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    detail: str
+    retry_after_seconds: int | None = None
+
+
+_ANSWERS = {
+    # Retrying unchanged would fail the same way until the data changes.
+    DatabaseErrorKind.CONFLICT: _Answer(409, "the request conflicts with the current data"),
+    # The whole transaction was rolled back, so the same request can simply be sent
+    # again; the concurrent one it lost to is usually done within a second.
+    DatabaseErrorKind.RETRYABLE: _Answer(
+        503, "the request collided with a concurrent one and was not applied; retry it", 1
+    ),
+    # A restart or a failover takes seconds: retrying sooner only adds load.
+    DatabaseErrorKind.UNAVAILABLE: _Answer(503, "the database is unavailable; retry later", 5),
+    # Likely to take as long again: no invitation to retry.
+    DatabaseErrorKind.TIMEOUT: _Answer(504, "the database did not answer in time"),
+}
+# Every pooled connection was busy (PoolExhaustedError, or the pool's own error
+# outside a unit of work): the burst that caused it drains within moments.
+_POOL_EXHAUSTED = _Answer(503, "the service is at capacity; retry shortly", 1)
+
+
+async def database_error_response(request: Request, error: Exception) -> JSONResponse:
+    """The response for a classified database error; any other error is re-raised (a 500)."""
+    kind = classify_error(error)
+    if kind is None:
+        raise error
+    answer = _POOL_EXHAUSTED if isinstance(error, exc.TimeoutError) else _ANSWERS[kind]
+    if answer.status >= 500:
+        # The class name only: the message may carry SQL, values or host names.
+        logger.warning(
+            "%s %s answered %d: database %s (%s)",
+            request.method,
+            request.url.path,
+            answer.status,
+            kind.value,
+            type(error).__name__,
+        )
+    headers = None
+    if answer.retry_after_seconds is not None:
+        headers = {"Retry-After": str(answer.retry_after_seconds)}
+    return JSONResponse({"detail": answer.detail}, status_code=answer.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer classified database errors raised by `app`'s routes and dependencies."""
+    for error_type in DATABASE_ERROR_TYPES:
+        app.add_exception_handler(error_type, database_error_response)
