@@ -11,6 +11,7 @@ from sqlalchemy.pool import Pool, QueuePool
 from ._config import engine_options, parse_async_url
 from ._guards import install_commit_guard
 from ._liveness import install_liveness_check
+from ._session_state import install_session_state_reset
 from ._timeouts import install_bounded_waits
 
 
@@ -48,6 +49,7 @@ def build_engine(url: str | URL, engine_kwargs: dict[str, Any]) -> AsyncEngine:
         install_liveness_check(engine.sync_engine)
     if driver == "asyncpg":
         install_bounded_waits(engine.sync_engine)
+        install_session_state_reset(engine.sync_engine)
     if engine.dialect.name == "postgresql":
         install_commit_guard(engine.sync_engine)
     return engine
