@@ -41,7 +41,8 @@ class Drain:
         event.listen(sync_engine, "checkout", self._checked_out)
         event.listen(sync_engine, "checkin", self._checked_in)
         event.listen(sync_engine, "invalidate", self._checked_in)
-        event.listen(sync_engine, "do_connect", self._refuse_when_closing)
+        # insert=True: ahead of any listener that makes the connection itself.
+        event.listen(sync_engine, "do_connect", self._refuse_when_closing, insert=True)
 
     def _checked_out(self, _: Any, record: ConnectionPoolEntry, __: Any) -> None:
         self._in_use.add(record)

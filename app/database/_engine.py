@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool, QueuePool
 
 from ._config import engine_options, parse_async_url
+from ._connect_errors import install_connect_errors
 from ._guards import install_commit_guard
 from ._liveness import install_liveness_check
 from ._session_state import install_session_state_reset
@@ -48,6 +49,7 @@ def build_engine(url: str | URL, engine_kwargs: dict[str, Any]) -> AsyncEngine:
     if cheap_liveness:
         install_liveness_check(engine.sync_engine)
     if driver == "asyncpg":
+        install_connect_errors(engine.sync_engine)
         install_bounded_waits(engine.sync_engine)
         install_session_state_reset(engine.sync_engine)
     if engine.dialect.name == "postgresql":

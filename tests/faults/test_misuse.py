@@ -531,21 +531,11 @@ async def test_connect_failure_surfaces_at_first_session_without_the_password(
     sinks.assert_clean(channels)
 
 
-UNNAMED_SERVER = (
-    "the resolver's message names neither host nor port, and the package adds neither "
-    "(proposed: re-raise connect-time OSErrors with 'host:port' in the message)"
-)
-
-
 @pytest.mark.parametrize(
     "case",
     [
         pytest.param(CONNECT_FAILURES["refused-port"], id="refused-port"),
-        pytest.param(
-            CONNECT_FAILURES["unknown-host"],
-            id="unknown-host",
-            marks=pytest.mark.xfail(reason=UNNAMED_SERVER, strict=True),
-        ),
+        pytest.param(CONNECT_FAILURES["unknown-host"], id="unknown-host"),
     ],
 )
 async def test_network_failure_message_names_the_server(
