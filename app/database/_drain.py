@@ -20,6 +20,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import greenlet_spawn
 
 from ._errors import DatabaseNotInitializedError
+from ._timeouts import cancels_sent
 
 # Set in a checked-out connection's `info` by code that closes it itself
 # (the test isolation harness): close() neither waits for it nor cuts it.
@@ -81,4 +82,7 @@ class Drain:
             # In a greenlet, as the pool itself would: closing may await the driver.
             await greenlet_spawn(record.invalidate)
         await self._engine.dispose()
+        # The cut connections' backends may still be running their statements: make
+        # sure the server was asked to stop them before the process can exit.
+        await cancels_sent()
         return len(remaining)
