@@ -129,9 +129,7 @@ class FaultProxy:
         """Accept new connections but never connect them upstream (a hung server)."""
         self._settings.accept_then_stall = True
 
-    def on_commit(
-        self, fault: CommitFault | None, probability: float = 1.0, seed: int = 0
-    ) -> None:
+    def on_commit(self, fault: CommitFault | None, probability: float = 1.0, seed: int = 0) -> None:
         """Break a `probability` share of COMMITs: "drop" before forwarding, "ack_lost" after."""
         self._settings.random = random.Random(seed)
         self._settings.commit_probability = probability
@@ -150,6 +148,7 @@ class FaultProxy:
 
     async def _stop(self) -> None:
         assert self._server is not None
+        self._flowing.set()  # release pumps a stall left waiting, so they can end
         self._server.close()
         for pair in list(self._pairs):
             pair.reset()
