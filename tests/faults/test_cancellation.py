@@ -1,0 +1,139 @@
+"""Cancellation leaks nothing: units of work cancelled at every phase, by every mechanism.
+
+Scenarios C-01, C-02, C-03 and C-06 of the reliability matrix, in a short seeded
+run; `python -m tests.faults.cancellation` is the 1,000-iteration soak.
+CANCEL_ITERATIONS (per style) and FAULT_SEED override the run's size and seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.engine import URL
+
+from app.database import DatabaseSessionManager
+from tests.faults.cancellation import (
+    PHASES,
+    QueueReport,
+    StyleReport,
+    cancel_queued_waiters,
+    collected_garbage_warnings,
+    create_schema,
+    drop_schema,
+    noise_in,
+    open_manager,
+    run_style,
+    split_noise,
+)
+from tests.postgres import asyncpg_dsn
+
+ITERATIONS = int(os.environ.get("CANCEL_ITERATIONS", "150"))
+# Over uvicorn each request runs to its end whatever the client does: fewer of them.
+HTTP_ITERATIONS = max(10, ITERATIONS // 5)
+SEED = int(os.environ.get("FAULT_SEED") or secrets.randbelow(1_000_000))
+APPLICATION_NAME = f"h2-cancel-{os.getpid()}"
+
+
+@pytest.fixture(name="pairs_dsn")
+async def pairs_dsn_fixture(database_url: URL) -> AsyncIterator[str]:
+    """The test database with the pairs table and its slow deferred trigger, dropped after."""
+    dsn = asyncpg_dsn(database_url)
+    await create_schema(dsn)
+    try:
+        yield dsn
+    finally:
+        await drop_schema(dsn)
+
+
+@pytest.fixture(name="manager")
+async def manager_fixture(
+    database_url: URL, pairs_dsn: str
+) -> AsyncIterator[DatabaseSessionManager]:
+    """A manager of its own: a pool of 4, identified by APPLICATION_NAME on the server."""
+    manager = open_manager(database_url, APPLICATION_NAME)
+    try:
+        yield manager
+    finally:
+        await manager.close()
+
+
+@pytest.fixture(name="noise")
+def noise_fixture(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """Everything asyncio and SQLAlchemy's pool log, down to DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="asyncio")
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy.pool")
+    return caplog.records
+
+
+async def _run(
+    manager: DatabaseSessionManager,
+    style: str,
+    iterations: int,
+    pairs_dsn: str,
+    noise: list[logging.LogRecord],
+) -> StyleReport:
+    report = await run_style(manager, style, iterations, SEED, pairs_dsn, APPLICATION_NAME)
+    garbage = collected_garbage_warnings()  # first: what the collector finds is logged too
+    report.noise, report.asyncpg_connect_noise = split_noise(garbage + noise_in(noise))
+    return report
+
+
+@pytest.mark.parametrize("style", ["task", "anyio", "asgi-task", "asgi-anyio"])
+async def test_cancellation_at_any_phase_leaks_nothing(
+    manager: DatabaseSessionManager,
+    pairs_dsn: str,
+    noise: list[logging.LogRecord],
+    style: str,
+) -> None:
+    """Units of work cancelled at random phases leave no connection, transaction or half pair."""
+    report = await _run(manager, style, ITERATIONS, pairs_dsn, noise)
+
+    assert not report.violations(), f"rerun with FAULT_SEED={SEED}: {report.line()}"
+    missed = [phase for phase in PHASES if not report.landed[phase]]
+    assert not missed, f"no cancellation landed in {missed} (FAULT_SEED={SEED}): {report.line()}"
+
+
+@pytest.mark.parametrize("style", ["http", "http-basemw"])
+async def test_client_disconnect_over_uvicorn_leaks_nothing(
+    manager: DatabaseSessionManager,
+    pairs_dsn: str,
+    noise: list[logging.LogRecord],
+    style: str,
+) -> None:
+    """Clients resetting their connection mid-request leave nothing; their writes still commit."""
+    report = await _run(manager, style, HTTP_ITERATIONS, pairs_dsn, noise)
+
+    assert not report.violations(), f"rerun with FAULT_SEED={SEED}: {report.line()}"
+    # uvicorn does not cancel a request whose client went away, with or without
+    # BaseHTTPMiddleware: the unit of work runs on and commits, unseen by anyone.
+    assert report.outcomes["cancelled"] == 0, report.line()
+    assert report.late_commits > 0, report.line()
+
+
+@pytest.mark.parametrize("style", ["task", "anyio"])
+async def test_waiters_cancelled_in_the_pool_queue_lose_no_slot(
+    database_url: URL, noise: list[logging.LogRecord], style: str
+) -> None:
+    """15 of 20 sessions queued for a pool of 2 are cancelled: both slots come back."""
+    manager = DatabaseSessionManager()
+    # pool_timeout=2: a slot lost for good fails the final checkouts instead of hanging.
+    manager.init(
+        database_url,
+        pool_size=2,
+        max_overflow=0,
+        pool_timeout=2,
+        connect_args={"server_settings": {"application_name": APPLICATION_NAME}},
+    )
+    try:
+        report = await cancel_queued_waiters(manager, style, waiters=20, cancelled=15)
+    finally:
+        await manager.close()
+
+    assert report == QueueReport(cancelled=15, served=5, checked_out_after=0, concurrent_after=2)
+    garbage = collected_garbage_warnings()
+    unexpected, _asyncpg_connect_noise = split_noise(garbage + noise_in(noise))
+    assert unexpected == []
