@@ -41,10 +41,13 @@ test-sqlalchemy-2.0: $(VENV20)/.installed
 	$(VENV20)/bin/pytest -n 2
 
 # The fault scenarios for about a minute each under 50 writers, on a private
-# PostgreSQL cluster (initdb into a temporary directory): one line of figures per
-# scenario, non-zero exit if a promise broke. About 8 minutes; see README, "Reliability".
+# PostgreSQL cluster (initdb into a temporary directory), then 1,000 cancellations
+# per style on a database of its own on 127.0.0.1:5432: one line of figures per
+# scenario, non-zero exit if a promise broke. About 12 minutes; see README,
+# "Reliability".
 soak: venv
 	$(BIN)/python -m tests.faults.soak
+	$(BIN)/python -m tests.faults.cancellation --iterations 1000
 
 # Per-test cost of each test isolation strategy, side by side (1-3 minutes, PostgreSQL
 # from BENCH_DATABASE_URL); prints a Markdown table, see benchmarks/README.md.
