@@ -25,6 +25,7 @@ class Write:
     sent: float
     received: float
     status: int | None  # None: the request failed below HTTP (reset, refused, timeout)
+    transport_error: str | None = None  # its exception class, when status is None
 
     @property
     def acknowledged(self) -> bool:
@@ -80,6 +81,6 @@ async def _write(client: httpx.AsyncClient) -> Write:
     sent = time.monotonic()
     try:
         response = await client.post("/items", json={"name": name})
-    except httpx.TransportError:
-        return Write(name, sent, time.monotonic(), None)
+    except httpx.TransportError as error:
+        return Write(name, sent, time.monotonic(), None, type(error).__name__)
     return Write(name, sent, time.monotonic(), response.status_code)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,6 +88,7 @@ class Figures:
     failed_after_ready: int  # writes sent after that which were not acknowledged
     recovery_seconds: float | None  # from ready until the first acknowledged write
     slowest_seconds: float  # the longest any request waited for its answer
+    transport_error_kinds: str  # "RemoteProtocolError:1", for the figure line
     commits_dropped: int
     acks_lost: int
     checked_out_after: int
@@ -100,7 +102,8 @@ class Figures:
         return (
             f"[{self.scenario}] {self.clients} clients, {self.seconds:.0f}s | "
             f"requests={o.requests} 2xx={o.acknowledged} non-2xx={o.refused} "
-            f"transport_err={o.transport_errors} | LOST={o.lost} AMBIGUOUS={o.ambiguous} "
+            f"transport_err={o.transport_errors}{self.transport_error_kinds} | "
+            f"LOST={o.lost} AMBIGUOUS={o.ambiguous} "
             f"PHANTOM={o.phantom} | fault={self.fault_seconds:.2f}s "
             f"failed_after_ready={self.failed_after_ready} recovery={recovery} "
             f"slowest={self.slowest_seconds:.2f}s | "
@@ -154,12 +157,18 @@ async def run_scenario(
         failed_after_ready=sum(w.sent > ready and not w.acknowledged for w in writes),
         recovery_seconds=_recovery(writes, ready),
         slowest_seconds=max((w.received - w.sent for w in writes), default=0.0),
+        transport_error_kinds=_kinds(writes),
         commits_dropped=proxy.commits.dropped,
         acks_lost=proxy.commits.acks_lost,
         checked_out_after=checked_out,
         idle_in_transaction_after=idle_in_transaction,
         backends_after=backends,
     )
+
+
+def _kinds(writes: list[Write]) -> str:
+    kinds = Counter(w.transport_error for w in writes if w.transport_error)
+    return f" ({', '.join(f'{k}:{n}' for k, n in kinds.items())})" if kinds else ""
 
 
 def _recovery(writes: list[Write], ready: float) -> float | None:
