@@ -29,3 +29,16 @@ async def idle_in_transaction(observer: asyncpg.Connection) -> int:
         " WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
     )
     return count
+
+
+async def count_backends(
+    observer: asyncpg.Connection, application_name: str, *, state_like: str = "%"
+) -> int:
+    """Server processes whose connections carry `application_name`, by state pattern."""
+    count: int = await observer.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = $1 AND coalesce(state, '') LIKE $2",
+        application_name,
+        state_like,
+    )
+    return count

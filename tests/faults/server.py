@@ -45,7 +45,8 @@ def _bindir() -> Path:
     return candidates[-1].parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -66,7 +67,7 @@ class FaultServer:
         self.directory = Path(tempfile.mkdtemp(prefix="faults-pg-"))
         self.data = self.directory / "data"
         self.log = self.directory / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self._bin = _bindir()
         if os.geteuid() == 0:
             shutil.chown(self.directory, "postgres", "postgres")

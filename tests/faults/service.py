@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 import httpx
 from sqlalchemy.engine import URL
 
+from tests.faults.server import free_port
 from tests.paths import REPO_ROOT
 
 START_TIMEOUT_SECONDS = 30.0
@@ -29,19 +29,12 @@ class Service:
     stderr: str = ""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @asynccontextmanager
 async def running_service(
     database_url: URL, *, app: str = "app.main:app"
 ) -> AsyncIterator[Service]:
     """Start uvicorn on `database_url` and wait until it answers; SIGTERM it at exit."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url.render_as_string(hide_password=False),
