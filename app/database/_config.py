@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import QueuePool
 
 from ._errors import DatabaseConfigError
 
@@ -94,7 +95,7 @@ def parse_async_url(url: object) -> URL:
     return parsed
 
 
-def engine_options(overrides: dict[str, Any], driver: str) -> dict[str, Any]:
+def engine_options(overrides: dict[str, Any], url: URL) -> dict[str, Any]:
     """Merge the caller's engine options over the defaults and check the pool sizes."""
     for name, minimum, hint in (
         (
@@ -111,16 +112,23 @@ def engine_options(overrides: dict[str, Any], driver: str) -> dict[str, Any]:
                 f"{name} must be an integer >= {minimum}, got {value!r} ({hint})"
             )
     options = {**ENGINE_DEFAULTS, **overrides}
-    if driver == "asyncpg":
-        _add_asyncpg_timeouts(options)
+    if url.get_dialect().driver == "asyncpg":
+        _add_asyncpg_timeouts(options, url)
     return options
 
 
-def _add_asyncpg_timeouts(options: dict[str, Any]) -> None:
-    # Merged key by key, so that connect_args={"server_settings": ...} keeps them.
+def _add_asyncpg_timeouts(options: dict[str, Any], url: URL) -> None:
+    # Merged key by key, so that connect_args={"server_settings": ...} keeps them;
+    # and not over a value the URL's query sets, which connect_args would replace.
     connect_args = dict(options.get("connect_args") or {})
-    connect_args.setdefault("timeout", CONNECT_TIMEOUT_SECONDS)
-    connect_args.setdefault("command_timeout", COMMAND_TIMEOUT_SECONDS)
+    for name, seconds in (
+        ("timeout", CONNECT_TIMEOUT_SECONDS),
+        ("command_timeout", COMMAND_TIMEOUT_SECONDS),
+    ):
+        if name not in url.query:
+            connect_args.setdefault(name, seconds)
     options["connect_args"] = connect_args
-    if "poolclass" not in options:  # NullPool and StaticPool take no pool_timeout
+    # Only a QueuePool takes pool_timeout (asyncpg's default pool is one).
+    poolclass = options.get("poolclass", QueuePool)
+    if isinstance(poolclass, type) and issubclass(poolclass, QueuePool):
         options.setdefault("pool_timeout", POOL_TIMEOUT_SECONDS)

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import greenlet_spawn
 
+from ._closing import cancels_sent
 from ._errors import DatabaseNotInitializedError
-from ._timeouts import cancels_sent
 
 # Set in a checked-out connection's `info` by code that closes it itself
 # (the test isolation harness): close() neither waits for it nor cuts it.
@@ -40,15 +40,15 @@ class Drain:
         self._refusal = refusal
         sync_engine = engine.sync_engine
         event.listen(sync_engine, "checkout", self._checked_out)
-        event.listen(sync_engine, "checkin", self._checked_in)
-        event.listen(sync_engine, "invalidate", self._checked_in)
-        # insert=True: ahead of any listener that makes the connection itself.
+        event.listen(sync_engine, "checkin", self._released)
+        event.listen(sync_engine, "invalidate", self._released)
+        # insert=True: ahead of the caller's own listeners, which may connect themselves.
         event.listen(sync_engine, "do_connect", self._refuse_when_closing, insert=True)
 
     def _checked_out(self, _: Any, record: ConnectionPoolEntry, __: Any) -> None:
         self._in_use.add(record)
 
-    def _checked_in(self, _: Any, record: ConnectionPoolEntry, *__: Any) -> None:
+    def _released(self, _: Any, record: ConnectionPoolEntry, *__: Any) -> None:
         self._in_use.discard(record)
         self._returned.set()
 
@@ -72,17 +72,24 @@ class Drain:
         transaction when its connection drops).
         """
         self._closing = True
-        deadline = time.monotonic() + grace
-        while self._live() and (left := deadline - time.monotonic()) > 0:
-            self._returned.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._returned.wait(), left)
-        remaining = self._live()
-        for record in remaining:
-            # In a greenlet, as the pool itself would: closing may await the driver.
-            await greenlet_spawn(record.invalidate)
-        await self._engine.dispose()
+        try:
+            await self._wait_for_release(grace)
+        finally:
+            # Also when the wait is cancelled: a half-closed engine would keep its pool.
+            remaining = self._live()
+            for record in remaining:
+                # In a greenlet, as the pool itself would: closing may await the driver.
+                await greenlet_spawn(record.invalidate)
+            await self._engine.dispose()
         # The cut connections' backends may still be running their statements: make
         # sure the server was asked to stop them before the process can exit.
         await cancels_sent()
         return len(remaining)
+
+    async def _wait_for_release(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while self._live() and (left := deadline - time.monotonic()) > 0:
+            self._returned.clear()
+            # asyncio.TimeoutError: TimeoutError itself only from Python 3.11.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._returned.wait(), left)

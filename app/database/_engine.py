@@ -8,12 +8,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool, QueuePool
 
+from ._closing import install_prompt_close
 from ._config import engine_options, parse_async_url
 from ._connect_errors import install_connect_errors
 from ._guards import install_commit_guard
 from ._liveness import install_liveness_check
 from ._session_state import install_session_state_reset
-from ._timeouts import install_bounded_waits
 
 
 def pool_capacity(pool: Pool) -> int | None:
@@ -28,7 +28,7 @@ def build_engine(url: str | URL, engine_kwargs: dict[str, Any]) -> AsyncEngine:
     """Validate `url`, apply the defaults, and add the package's checks to the engine."""
     parsed = parse_async_url(url)
     driver = parsed.get_dialect().driver
-    options = engine_options(engine_kwargs, driver)
+    options = engine_options(engine_kwargs, parsed)
     # asyncpg: a check costing 0-1 round trips instead of pre-ping's 3, unless the
     # caller asked for pool_pre_ping either way.
     cheap_liveness = driver == "asyncpg" and ("pool_pre_ping" not in engine_kwargs)
@@ -50,7 +50,7 @@ def build_engine(url: str | URL, engine_kwargs: dict[str, Any]) -> AsyncEngine:
         install_liveness_check(engine.sync_engine)
     if driver == "asyncpg":
         install_connect_errors(engine.sync_engine)
-        install_bounded_waits(engine.sync_engine)
+        install_prompt_close(engine.sync_engine)
         install_session_state_reset(engine.sync_engine)
     if engine.dialect.name == "postgresql":
         install_commit_guard(engine.sync_engine)

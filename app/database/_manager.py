@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -66,7 +65,8 @@ class DatabaseSessionManager:
 
         `engine_kwargs` go to `create_async_engine` and override the defaults
         (`pool_recycle=3600`, `hide_parameters=True`; for asyncpg the package's
-        liveness check, for other drivers `pool_pre_ping=True`). A QueuePool is
+        liveness check, `pool_timeout=5` and `connect_args` `timeout=5`,
+        `command_timeout=30`; for other drivers `pool_pre_ping=True`). A QueuePool is
         built to keep all `pool_size + max_overflow` connections, most recently
         used first. Nothing connects yet: the first session opens the first one.
         """
@@ -117,18 +117,14 @@ class DatabaseSessionManager:
             raise self._not_open_error()
         # The pool's timeout becomes PoolExhaustedError, whose message names the fixes.
         with pool_exhaustion_explained():
-            session = self._sessionmaker()
-            try:
+            # Its exit closes the session in a task of its own and waits for that
+            # through cancellations (SQLAlchemy >= 2.0.58, the floor in pyproject.toml):
+            # the block is left only once the connection is back in the pool.
+            async with self._sessionmaker() as session:
                 yield session
                 # Reached only when the block did not raise: commit whatever is pending,
                 # including work done after an explicit commit() inside the block.
                 await session.commit()
-            finally:
-                # Not `async with session`: on SQLAlchemy 2.0.41 (2.0.58 and 2.1 differ)
-                # its exit stops waiting for close() at the first cancellation, and the
-                # caller left with its connection still out in 22 and 45 of 200
-                # cancelled units of work (task.cancel(), anyio; tests/faults/cancellation.py).
-                await _close_to_completion(session)
 
     @contextmanager
     def _sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:
@@ -161,31 +157,6 @@ class DatabaseSessionManager:
             "`session_manager.init(url=...)` at start-up, for example in your "
             "FastAPI lifespan, before using the database"
         )
-
-
-async def _close_to_completion(session: AsyncSession) -> None:
-    """Close `session`, and wait for the close to finish even if the caller is cancelled.
-
-    The close (ROLLBACK of anything open, the connection back to the pool) runs in a
-    task of its own, which the caller's cancellation does not reach. A cancellation
-    that arrives meanwhile, once (`task.cancel()`) or at every await (anyio cancel
-    scopes, as in Starlette), is re-raised once the close has finished. Under anyio
-    this loop turns once per event-loop cycle while the close lasts.
-    """
-    closing = asyncio.create_task(session.close())
-    cancellation: asyncio.CancelledError | None = None
-    while not closing.done():
-        try:
-            # asyncio.wait never cancels what it waits for, nor raises its error.
-            await asyncio.wait((closing,))
-        except asyncio.CancelledError as error:
-            cancellation = error  # keep waiting: re-raised below
-    if cancellation is not None:
-        if not closing.cancelled():
-            # Retrieved, so asyncio does not log it: the cancellation is what propagates.
-            closing.exception()
-        raise cancellation
-    await closing  # finished: returns, or raises what close() raised
 
 
 session_manager = DatabaseSessionManager()

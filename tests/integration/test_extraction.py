@@ -179,3 +179,45 @@ async def test_copied_package_works_without_fastapi_or_pytest(
 
     assert result.returncode == 0, result.stderr
     assert "no-fastapi ok" in result.stdout
+
+
+NO_ASYNCPG_SCRIPT = """
+import asyncio
+import sys
+
+
+class Block:
+    # A service on another database: asyncpg was never installed.
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "asyncpg":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Block())
+
+import database
+from sqlalchemy import text
+
+
+async def main() -> None:
+    database.session_manager.init(url="sqlite+aiosqlite://")
+    try:
+        async with database.session_manager.session() as db:
+            assert await db.scalar(text("SELECT 1")) == 1
+    finally:
+        await database.session_manager.close()
+
+
+asyncio.run(main())
+assert "asyncpg" not in sys.modules, "using the package imported asyncpg"
+print("no-asyncpg ok")
+"""
+
+
+async def test_copied_package_works_without_asyncpg(project: Path, database_url: URL) -> None:
+    """On another driver the copy never imports asyncpg: its asyncpg extras load lazily."""
+    result = await _run_script(project, NO_ASYNCPG_SCRIPT, database_url)
+
+    assert result.returncode == 0, result.stderr
+    assert "no-asyncpg ok" in result.stdout

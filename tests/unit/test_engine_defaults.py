@@ -1,0 +1,68 @@
+"""The timeout defaults init() adds for asyncpg, and where the caller's values win."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import make_url
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
+
+from app.database._config import (
+    COMMAND_TIMEOUT_SECONDS,
+    CONNECT_TIMEOUT_SECONDS,
+    POOL_TIMEOUT_SECONDS,
+    engine_options,
+)
+
+ASYNCPG = make_url("postgresql+asyncpg://app@db.example/app")
+
+
+def test_asyncpg_gets_a_connect_command_and_pool_timeout() -> None:
+    """Without timeout options every wait is bounded: 5 s, 30 s, 5 s."""
+    options = engine_options({}, ASYNCPG)
+
+    assert options["connect_args"] == {
+        "timeout": CONNECT_TIMEOUT_SECONDS,
+        "command_timeout": COMMAND_TIMEOUT_SECONDS,
+    }
+    assert options["pool_timeout"] == POOL_TIMEOUT_SECONDS
+
+
+def test_the_callers_connect_args_are_kept_and_win() -> None:
+    """Other connect_args stay beside the defaults; an explicit None turns one off."""
+    settings = {"application_name": "billing"}
+    options = engine_options(
+        {"connect_args": {"server_settings": settings, "command_timeout": None}}, ASYNCPG
+    )
+
+    assert options["connect_args"] == {
+        "server_settings": settings,
+        "command_timeout": None,
+        "timeout": CONNECT_TIMEOUT_SECONDS,
+    }
+
+
+def test_a_timeout_in_the_url_query_is_not_overridden() -> None:
+    """SQLAlchemy lets connect_args replace the URL's query values: the defaults stay out."""
+    url = make_url("postgresql+asyncpg://app@db.example/app?command_timeout=60&timeout=9")
+
+    assert engine_options({}, url)["connect_args"] == {}
+
+
+@pytest.mark.parametrize(
+    ("poolclass", "has_timeout"), [(AsyncAdaptedQueuePool, True), (NullPool, False)]
+)
+def test_pool_timeout_is_set_only_for_a_queue_pool(poolclass: Any, has_timeout: bool) -> None:
+    """A pool that never queues (NullPool) would reject pool_timeout."""
+    options = engine_options({"poolclass": poolclass}, ASYNCPG)
+
+    assert ("pool_timeout" in options) is has_timeout
+
+
+def test_other_drivers_get_no_asyncpg_options() -> None:
+    """aiosqlite knows neither option; its pool keeps SQLAlchemy's defaults."""
+    options = engine_options({}, make_url("sqlite+aiosqlite:///demo.sqlite3"))
+
+    assert "connect_args" not in options
+    assert "pool_timeout" not in options
