@@ -88,7 +88,7 @@ class Figures:
     failed_after_ready: int  # writes sent after that which were not acknowledged
     recovery_seconds: float | None  # from ready until the first acknowledged write
     slowest_seconds: float  # the longest any request waited for its answer
-    transport_error_kinds: str  # "RemoteProtocolError:1", for the figure line
+    transport_error_kinds: str  # " (RemoteProtocolError:1)", or "" if none: for the figure line
     commits_dropped: int
     acks_lost: int
     checked_out_after: int

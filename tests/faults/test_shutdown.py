@@ -12,7 +12,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -27,9 +26,11 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.engine import URL
 
 from app.database import DatabaseNotInitializedError, DatabaseSessionManager
+from app.database._closing import CANCEL_TIMEOUT_SECONDS
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import FaultServer
-from tests.paths import REPO_ROOT
+from tests.faults.service import Service, running_service
+from tests.postgres import count_backends
 
 CLOSED_HINT = (
     "DatabaseSessionManager is closed: `close()` was called, so no new sessions can start; "
@@ -56,7 +57,6 @@ UVICORN_CANCELLED_REQUEST = re.compile(
 )
 # Bounds generous enough for a busy 2-core machine; each names what it bounds.
 SETTLE_SECONDS = 1.0  # for the server to see a closed connection go
-START_TIMEOUT_SECONDS = 30.0
 _names = itertools.count()
 
 
@@ -65,32 +65,12 @@ def _unique_name() -> str:
     return f"h5-shutdown-{os.getpid()}-{next(_names)}"
 
 
-@dataclass
-class Backends:
-    """The server's view of one application_name's connections."""
-
-    total: int
-    idle_in_transaction: int
-
-
-async def backends(observer: asyncpg.Connection, name: str) -> Backends:
-    """Count the backends whose application_name is `name`."""
-    row = await observer.fetchrow(
-        "SELECT count(*) AS total,"
-        " count(*) FILTER (WHERE state LIKE 'idle in transaction%') AS idle_in_transaction"
-        " FROM pg_stat_activity WHERE application_name = $1",
-        name,
-    )
-    assert row is not None
-    return Backends(row["total"], row["idle_in_transaction"])
-
-
 async def backends_settled(
     observer: asyncpg.Connection, name: str, expected: int, within: float = SETTLE_SECONDS
-) -> Backends:
+) -> int:
     """Poll until `name` has `expected` backends or `within` seconds pass; the last count."""
     deadline = time.monotonic() + within
-    while (seen := await backends(observer, name)).total != expected:
+    while (seen := await count_backends(observer, name)) != expected:
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(0.02)
@@ -137,11 +117,16 @@ def count_cuts(manager: DatabaseSessionManager) -> list[object]:
 
 @dataclass
 class UnitOfWork:
-    """One `session()` block that inserts a row, says so, then sleeps in the database."""
+    """One `session()` block that inserts a row, says so, then sleeps in the database.
+
+    Given `release`, it waits for that event instead (connection held, transaction
+    open), so that a test decides when it ends.
+    """
 
     manager: DatabaseSessionManager
     name: str
     seconds: float
+    release: asyncio.Event | None = None
     in_flight: asyncio.Event = field(default_factory=asyncio.Event)
     ended_at: float = 0.0
 
@@ -152,7 +137,10 @@ class UnitOfWork:
                     text("INSERT INTO items (name) VALUES (:name)"), {"name": self.name}
                 )
                 self.in_flight.set()
-                await session.execute(text("SELECT pg_sleep(:s)"), {"s": self.seconds})
+                if self.release is not None:
+                    await self.release.wait()
+                else:
+                    await session.execute(text("SELECT pg_sleep(:s)"), {"s": self.seconds})
         finally:
             self.ended_at = time.monotonic()
 
@@ -208,7 +196,7 @@ async def test_idle_close_is_prompt_and_leaves_no_backend_or_warning(
     open_manager(manager, fault_server.app_url(), name)
     units, tasks = await start_units(manager, name, 3, 0.05)
     await asyncio.gather(*tasks)
-    assert (await backends(observer, name)).total == 3, "the pool keeps its connections"
+    assert await count_backends(observer, name) == 3, "the pool keeps its connections"
     gc.collect()  # earlier tests' garbage is theirs
 
     with gc_findings() as findings:
@@ -219,7 +207,7 @@ async def test_idle_close_is_prompt_and_leaves_no_backend_or_warning(
 
     print(f"\n[Z-01] close duration idle: {duration * 1000:.1f} ms, 3 connections")
     assert duration < 1.0, f"an idle close() took {duration:.2f} s"
-    assert left.total == 0, f"{left.total} backends still open {SETTLE_SECONDS} s after close()"
+    assert left == 0, f"{left} backends still open {SETTLE_SECONDS} s after close()"
     assert findings == []
     assert await committed(observer, [unit.name for unit in units]) == {u.name for u in units}
 
@@ -240,7 +228,7 @@ async def test_dropping_an_open_manager_without_close_warns(
 
     unclosed = [f for f in findings if "unclosed connection" in f]
     assert len(unclosed) == 3, findings
-    assert (await backends_settled(observer, name, 0)).total == 0
+    assert await backends_settled(observer, name, 0) == 0
 
 
 async def test_units_of_work_finishing_within_grace_commit(
@@ -262,7 +250,7 @@ async def test_units_of_work_finishing_within_grace_commit(
     assert cuts == []
     assert duration < 5.0, "close() waited out the grace period for work that had ended"
     assert await committed(observer, [u.name for u in units]) == {u.name for u in units}
-    assert (await backends_settled(observer, name, 0)).total == 0
+    assert await backends_settled(observer, name, 0) == 0
 
 
 async def test_units_of_work_outlasting_grace_are_cut_and_roll_back(
@@ -295,7 +283,7 @@ async def test_units_of_work_outlasting_grace_are_cut_and_roll_back(
         assert outcome.connection_invalidated, outcome
     for unit in units:
         assert unit.ended_at - started <= grace + 1.0, "a cut unit of work kept waiting"
-    assert left == Backends(total=0, idle_in_transaction=0), "backends outlived close()"
+    assert left == 0, "backends outlived close()"
     assert await committed(observer, [u.name for u in units]) == set()
     assert findings == []
 
@@ -306,20 +294,28 @@ async def test_session_after_close_began_is_refused_without_connecting(
     """Z-04c: a session() started while close() drains raises the typed error, opens nothing."""
     name = _unique_name()
     open_manager(manager, fault_server.app_url(), name)
-    units, tasks = await start_units(manager, name, 1, 0.5)
-    closing = asyncio.create_task(manager.close(grace=5.0))
-    await asyncio.sleep(0)  # close() refuses new sessions before its first await
-    before = await backends(observer, name)
+    # The unit of work ends when the test says so, not after some time: close() is
+    # then still draining at every check below, however slow the machine.
+    release = asyncio.Event()
+    unit = UnitOfWork(manager, f"{name}-row-0", 0.0, release)
+    task = asyncio.create_task(unit.run())
+    await asyncio.wait_for(unit.in_flight.wait(), 10)
+    closing = asyncio.create_task(manager.close(grace=30.0))
+    try:
+        await asyncio.sleep(0)  # close() refuses new sessions before its first await
+        before = await count_backends(observer, name)
 
-    with pytest.raises(DatabaseNotInitializedError, match=re.escape(CLOSED_HINT)):
-        async with manager.session() as session:
-            await session.execute(text("SELECT 1"))
+        with pytest.raises(DatabaseNotInitializedError, match=re.escape(CLOSED_HINT)):
+            async with manager.session() as session:
+                await session.execute(text("SELECT 1"))
 
-    assert (await backends(observer, name)).total == before.total == 1
-    assert not closing.done(), "close() should still be waiting for the unit of work"
-    await closing
-    await asyncio.gather(*tasks)
-    assert await committed(observer, [units[0].name]) == {units[0].name}
+        assert await count_backends(observer, name) == before == 1
+        assert not closing.done(), "close() should still be waiting for the unit of work"
+    finally:
+        release.set()
+        await asyncio.wait_for(closing, 10)
+        await task
+    assert await committed(observer, [unit.name]) == {unit.name}
 
 
 async def test_init_works_again_after_close_even_one_that_cut_connections(
@@ -344,13 +340,13 @@ async def test_init_works_again_after_close_even_one_that_cut_connections(
     await manager.close()
 
     assert await committed(observer, [units[0].name, after[0].name]) == {after[0].name}
-    assert (await backends_settled(observer, name, 0)).total == 0
+    assert await backends_settled(observer, name, 0) == 0
 
 
 async def test_close_returns_within_grace_when_the_database_is_unreachable(
     fault_server: FaultServer, proxy: FaultProxy, manager: DatabaseSessionManager
 ) -> None:
-    """Z-05: with the network stalled, close() cuts and disposes within grace + 1 s."""
+    """Z-05: with the network stalled, close() cuts and disposes within grace + cancel + 1 s."""
     grace = 0.5
     name = _unique_name()
     open_manager(manager, fault_server.app_url(port=proxy.port), name)
@@ -367,9 +363,12 @@ async def test_close_returns_within_grace_when_the_database_is_unreachable(
         proxy.restore()  # the proxy cannot stop while its pumps wait to flow again
 
     print(f"\n[Z-05] close with the network stalled: grace {grace} s, {duration:.2f} s")
-    assert duration <= grace + 1.0, f"close() took {duration:.2f} s on a stalled network"
+    # close() also waits (bounded) for the CancelRequest sent for the cut connection,
+    # which cannot get through a stalled network.
+    bound = grace + CANCEL_TIMEOUT_SECONDS + 1.0
+    assert duration <= bound, f"close() took {duration:.2f} s on a stalled network"
     assert isinstance(outcome, exc.DBAPIError), outcome
-    assert unit.ended_at - started <= grace + 1.0, "the stuck unit of work kept waiting"
+    assert unit.ended_at - started <= bound, "the stuck unit of work kept waiting"
 
 
 # --- Z-02 / Z-03: SIGTERM to a uvicorn process with requests in flight --------------
@@ -398,73 +397,19 @@ SIGTERM_CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@dataclass
-class Service:
-    """A uvicorn process serving tests/faults/shutdown_app.py, and its stderr once it exits."""
-
-    process: asyncio.subprocess.Process
-    base_url: str
-    stderr: asyncio.Task[bytes]
-
-
 @asynccontextmanager
-async def uvicorn_service(url: URL, name: str, graceful_seconds: int) -> AsyncIterator[Service]:
-    """Start the service on `url` and wait until it accepts connections; kill it at the end."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": url.render_as_string(hide_password=False),
-        "SHUTDOWN_APP_NAME": name,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-W",
-        "default",  # shows ResourceWarning, which Python hides by default
-        "-m",
-        "uvicorn",
-        "tests.faults.shutdown_app:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--timeout-graceful-shutdown",
-        str(graceful_seconds),
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    # Read all along: a full pipe would block the process's logging, and so its exit.
-    service = Service(
-        process, f"http://127.0.0.1:{port}", asyncio.create_task(process.stderr.read())
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while True:
-            try:
-                # uvicorn listens only once the lifespan's startup (init()) is done.
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                break
-            except OSError:
-                if service.stderr.done() or time.monotonic() > deadline:
-                    pytest.fail(f"uvicorn did not start:\n{(await service.stderr).decode()}")
-                await asyncio.sleep(0.05)
+async def shutdown_service(url: URL, name: str, graceful_seconds: int) -> AsyncIterator[Service]:
+    """tests/faults/shutdown_app.py under uvicorn, its backends named `name`, once it serves."""
+    async with running_service(
+        url,
+        app="tests.faults.shutdown_app:app",
+        ready="answering",  # it has no /health: a 404 means its startup (init()) is done
+        log_level="info",  # uvicorn's default: all it says about the shutdown is scanned
+        uvicorn_args=("--timeout-graceful-shutdown", str(graceful_seconds)),
+        python_args=("-W", "default"),  # shows ResourceWarning, which Python hides by default
+        env={"SHUTDOWN_APP_NAME": name},
+    ) as service:
         yield service
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        await service.stderr
 
 
 async def _post(client: httpx.AsyncClient, row: str, seconds: float) -> int | str:
@@ -494,7 +439,7 @@ async def test_sigterm_with_requests_in_flight_loses_nothing_and_exits_clean(
     name = _unique_name()
     rows = [f"{name}-row-{i}" for i in range(REQUESTS)]
     async with (
-        uvicorn_service(fault_server.app_url(), name, case.graceful_seconds) as service,
+        shutdown_service(fault_server.app_url(), name, case.graceful_seconds) as service,
         httpx.AsyncClient(base_url=service.base_url, timeout=30) as client,
     ):
         requests = [asyncio.create_task(_post(client, row, case.request_seconds)) for row in rows]
@@ -516,7 +461,7 @@ async def test_sigterm_with_requests_in_flight_loses_nothing_and_exits_clean(
         returncode = await exited
         outcomes = await asyncio.gather(*requests)
         left = await backends_settled(observer, name, 0)
-    stderr = (await service.stderr).decode(errors="replace")
+    stderr = service.stderr
 
     completed = [
         row for row, o in zip(rows, outcomes, strict=True) if isinstance(o, int) and o < 300
@@ -531,7 +476,7 @@ async def test_sigterm_with_requests_in_flight_loses_nothing_and_exits_clean(
         f" (graceful {case.graceful_seconds} s, requests {case.request_seconds} s):"
         f" 2xx {len(completed)}, cut {REQUESTS - len(completed)}"
         f" ({sorted({str(o) for o in outcomes})}), LOST {len(lost)}, partial {len(partial)},"
-        f" backends left 1 s after exit {left.total},"
+        f" backends left 1 s after exit {left},"
         f" longest idle in transaction {longest_idle_in_transaction:.2f} s,"
         f" uvicorn cancellation tracebacks {cancelled_logs}"
     )
@@ -540,8 +485,9 @@ async def test_sigterm_with_requests_in_flight_loses_nothing_and_exits_clean(
     assert len(completed) == case.expect_completed, outcomes
     assert returncode in (0, -signal.SIGTERM), stderr
     assert exit_seconds <= case.graceful_seconds + 3.0, f"exit took {exit_seconds:.2f} s"
-    assert left.total == 0, f"{left.total} backends outlived the process by {SETTLE_SECONDS} s"
+    assert left == 0, f"{left} backends outlived the process by {SETTLE_SECONDS} s"
     assert longest_idle_in_transaction <= 1.0
     assert cancelled_logs <= REQUESTS - len(completed)
     for marker in DIRTY_EXIT_MARKERS:
         assert marker not in rest, f"{marker!r} in uvicorn's stderr:\n{stderr}"
+        assert marker not in service.stdout, f"{marker!r} in uvicorn's stdout:\n{service.stdout}"

@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database import DatabaseSessionManager
+from tests.postgres import checked_out
 
 SCHEMA = """
 CREATE TABLE errors_parent (id int PRIMARY KEY, n int NOT NULL);
@@ -58,6 +59,22 @@ async def private_manager(
         yield manager
     finally:
         await manager.close()
+
+
+@asynccontextmanager
+async def manager_on_error_tables(
+    url: URL, observer: asyncpg.Connection, application_name: str, **engine_kwargs: Any
+) -> AsyncIterator[DatabaseSessionManager]:
+    """A manager of the test's own, on fresh error tables; it commits for real.
+
+    A unit of work that keeps its connection after the block fails the test.
+    """
+    async with (
+        error_tables(observer),
+        private_manager(url, application_name, **engine_kwargs) as manager,
+    ):
+        yield manager
+        assert checked_out(manager) == 0, "a unit of work kept its connection"
 
 
 class Rendezvous:
@@ -123,6 +140,26 @@ async def hold_row_lock(db: AsyncSession, locked: asyncio.Event, release: asynci
     await db.execute(text("SELECT id FROM errors_parent WHERE id = 1 FOR UPDATE"))
     locked.set()
     await release.wait()
+
+
+@asynccontextmanager
+async def connection_held(manager: DatabaseSessionManager) -> AsyncIterator[None]:
+    """Another unit of work holds one of `manager`'s connections until the block ends."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with manager.session() as db:
+            await db.execute(text("SELECT 1"))
+            held.set()
+            await release.wait()
+
+    holding = asyncio.create_task(holder())
+    await held.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        await holding
 
 
 async def wait_past_lock_timeout(db: AsyncSession) -> None:

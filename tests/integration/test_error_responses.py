@@ -16,7 +16,6 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,12 +24,13 @@ from app.errors import install_error_handlers
 from app.main import create_app
 from tests.integration.failing_work import (
     Rendezvous,
-    error_tables,
+    connection_held,
     insert_duplicate,
     insert_null,
     insert_orphan_checked_at_commit,
     lock_rows_in_order,
     lose_connection_mid_transaction,
+    manager_on_error_tables,
     private_manager,
     sleep,
     sleep_past_statement_timeout,
@@ -38,7 +38,7 @@ from tests.integration.failing_work import (
     write_in_read_only_transaction,
     write_skew,
 )
-from tests.postgres import checked_out
+from tests.postgres import checked_out, count_backends
 
 APPLICATION_NAME = "h1_errors_responses"
 
@@ -129,12 +129,8 @@ async def manager_fixture(
     database_url: URL, observer: asyncpg.Connection
 ) -> AsyncIterator[DatabaseSessionManager]:
     """A manager of this module's own, on the error tables."""
-    async with (
-        error_tables(observer),
-        private_manager(database_url, APPLICATION_NAME) as manager,
-    ):
+    async with manager_on_error_tables(database_url, observer, APPLICATION_NAME) as manager:
         yield manager
-        assert checked_out(manager) == 0, "a request kept its connection"
 
 
 @pytest.fixture(name="failing_app")
@@ -202,9 +198,8 @@ async def test_client_command_timeout_answers_504(
 ) -> None:
     """asyncpg's command_timeout, raised as a bare TimeoutError, is a 504 too."""
     async with (
-        error_tables(observer),
-        private_manager(
-            database_url, APPLICATION_NAME, connect_args={"command_timeout": 0.2}
+        manager_on_error_tables(
+            database_url, observer, APPLICATION_NAME, connect_args={"command_timeout": 0.2}
         ) as manager,
         _client(failing_app, manager) as client,
     ):
@@ -275,24 +270,12 @@ async def _pool_of(
 
 async def test_reference_app_answers_503_when_the_pool_is_exhausted(database_url: URL) -> None:
     """The reference service (create_app) answers pool exhaustion with 503 and Retry-After: 1."""
-    held, release = asyncio.Event(), asyncio.Event()
-
-    async with _pool_of(database_url, capacity=1, pool_timeout=0.2) as manager:
-
-        async def hold() -> None:
-            async with manager.session() as db:
-                await db.execute(select(1))
-                held.set()
-                await release.wait()
-
-        holding = asyncio.create_task(hold())
-        await held.wait()
-        try:
-            async with _client(create_app(), manager) as client:
-                response = await client.get("/items")
-        finally:
-            release.set()
-            await holding
+    async with (
+        _pool_of(database_url, capacity=1, pool_timeout=0.2) as manager,
+        connection_held(manager),
+        _client(create_app(), manager) as client,
+    ):
+        response = await client.get("/items")
 
     assert (response.status_code, response.json()) == (503, AT_CAPACITY)
     assert response.headers["retry-after"] == "1"
@@ -312,16 +295,8 @@ async def _timed_get(
     return response.status_code, response.headers.get("retry-after"), time.monotonic() - started
 
 
+# A name of the burst's own: backends of earlier tests may still be exiting.
 BURST_APPLICATION_NAME = "h1_errors_burst"
-
-
-async def _backends(observer: asyncpg.Connection) -> int:
-    # A name of the burst's own: backends of earlier tests may still be exiting.
-    count: int = await observer.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-        BURST_APPLICATION_NAME,
-    )
-    return count
 
 
 async def test_burst_beyond_pool_capacity_gets_prompt_503s_and_recovers(
@@ -337,17 +312,26 @@ async def test_burst_beyond_pool_capacity_gets_prompt_503s_and_recovers(
         outcomes = await asyncio.gather(
             *(_timed_get(client, "/sleep", seconds=HOLD_SECONDS) for _ in range(BURST))
         )
-        backends_after_burst = await _backends(observer)
+        backends_after_burst = await count_backends(observer, BURST_APPLICATION_NAME)
         afterwards = [await _timed_get(client, "/sleep") for _ in range(3)]
         leaked = checked_out(manager)
 
     statuses = [status for status, _, _ in outcomes]
+    slowest = max(elapsed for _, _, elapsed in outcomes)
+    slowest_503 = max((elapsed for status, _, elapsed in outcomes if status == 503), default=0.0)
+    # The figures, for `pytest -s`.
+    print(
+        f"\n[pool exhaustion] {BURST} requests, pool of {CAPACITY}, pool_timeout {POOL_TIMEOUT} s,"
+        f" each 200 holds {HOLD_SECONDS} s: {statuses.count(200)} x 200,"
+        f" {statuses.count(503)} x 503; slowest 503 after {slowest_503:.3f} s"
+        f" ({slowest_503 / POOL_TIMEOUT:.2f} x pool_timeout), slowest answer {slowest:.3f} s;"
+        f" {backends_after_burst} backends after the burst"
+    )
     assert set(statuses) == {200, 503}, statuses
     assert statuses.count(200) >= CAPACITY, statuses
     assert {retry_after for status, retry_after, _ in outcomes if status == 503} == {"1"}
     # Nobody queued behind the burst: each answer came within the wait plus one hold,
     # with a generous margin for a loaded machine.
-    slowest = max(elapsed for _, _, elapsed in outcomes)
     assert slowest < POOL_TIMEOUT + HOLD_SECONDS + 3, slowest
     assert backends_after_burst <= CAPACITY
     assert [status for status, _, _ in afterwards] == [200, 200, 200]

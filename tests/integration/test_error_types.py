@@ -28,7 +28,7 @@ from app.database import (
 from app.models import Item
 from tests.integration.failing_work import (
     Rendezvous,
-    error_tables,
+    connection_held,
     hold_row_lock,
     insert_duplicate,
     insert_null,
@@ -36,6 +36,7 @@ from tests.integration.failing_work import (
     insert_orphan_checked_at_commit,
     lock_rows_in_order,
     lose_connection_mid_transaction,
+    manager_on_error_tables,
     private_manager,
     sleep,
     sleep_past_statement_timeout,
@@ -55,12 +56,8 @@ async def manager_fixture(
     database_url: URL, observer: asyncpg.Connection
 ) -> AsyncIterator[DatabaseSessionManager]:
     """A manager of this module's own, on the error tables, that commits for real."""
-    async with (
-        error_tables(observer),
-        private_manager(database_url, APPLICATION_NAME) as manager,
-    ):
+    async with manager_on_error_tables(database_url, observer, APPLICATION_NAME) as manager:
         yield manager
-        assert checked_out(manager) == 0, "a unit of work kept its connection"
 
 
 async def _failure_of(
@@ -305,31 +302,11 @@ EXHAUSTED_MESSAGE = re.escape(
 )
 
 
-@asynccontextmanager
-async def _connection_held(manager: DatabaseSessionManager) -> AsyncIterator[None]:
-    """Another unit of work holds the pool's only connection until the block ends."""
-    held, release = asyncio.Event(), asyncio.Event()
-
-    async def holder() -> None:
-        async with manager.session() as db:
-            await db.execute(select(1))
-            held.set()
-            await release.wait()
-
-    holding = asyncio.create_task(holder())
-    await held.wait()
-    try:
-        yield
-    finally:
-        release.set()
-        await holding
-
-
 async def test_pool_exhaustion_raises_pool_exhausted_error(
     pool_of_one: DatabaseSessionManager,
 ) -> None:
     """No free connection within pool_timeout: PoolExhaustedError, naming the numbers and fixes."""
-    async with _connection_held(pool_of_one):
+    async with connection_held(pool_of_one):
         error = await _failure_of(pool_of_one, partial(sleep, seconds=0))
 
     assert isinstance(error, PoolExhaustedError)
@@ -342,7 +319,7 @@ async def test_pool_exhausted_error_is_still_sqlalchemy_timeout_error(
     pool_of_one: DatabaseSessionManager,
 ) -> None:
     """Code that catches sqlalchemy.exc.TimeoutError keeps catching pool exhaustion."""
-    async with _connection_held(pool_of_one):
+    async with connection_held(pool_of_one):
         with pytest.raises(exc.TimeoutError, match=EXHAUSTED_MESSAGE):
             async with pool_of_one.session() as db:
                 await db.execute(select(1))
@@ -352,7 +329,7 @@ async def test_pool_exhaustion_at_commit_raises_pool_exhausted_error(
     pool_of_one: DatabaseSessionManager,
 ) -> None:
     """A unit of work that first needs a connection at COMMIT (to flush) gets the same error."""
-    async with _connection_held(pool_of_one):
+    async with connection_held(pool_of_one):
         with pytest.raises(PoolExhaustedError, match=EXHAUSTED_MESSAGE):
             async with pool_of_one.session() as db:
                 db.add(Item(name="h1-errors-never-stored"))

@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.database import DatabaseSessionManager, _liveness
+from tests.postgres import count_backends
 
 APPLICATION = f"liveness-test-{os.getpid()}"
 
@@ -32,7 +33,7 @@ async def manager_fixture(database_url: URL) -> AsyncIterator[DatabaseSessionMan
     await manager.close()
 
 
-async def _backends(observer: asyncpg.Connection) -> list[int]:
+async def _backend_pids(observer: asyncpg.Connection) -> list[int]:
     rows = await observer.fetch(
         "SELECT pid FROM pg_stat_activity WHERE application_name = $1", APPLICATION
     )
@@ -54,7 +55,7 @@ async def test_requests_succeed_after_every_pooled_connection_was_killed(
     """pg_terminate_backend on every idle pooled connection, then 10 requests: all succeed."""
     monkeypatch.setattr(_liveness, "FRESH_SECONDS", fresh_seconds)
     await asyncio.gather(*(_select_one(manager) for _ in range(3)))
-    killed = await _backends(observer)
+    killed = await _backend_pids(observer)
     assert len(killed) == 3
 
     await observer.execute(
@@ -62,7 +63,7 @@ async def test_requests_succeed_after_every_pooled_connection_was_killed(
         APPLICATION,
     )
     for _ in range(500):  # the backends exit asynchronously; give them up to 5 s
-        if not await _backends(observer):
+        if not await count_backends(observer, APPLICATION):
             break
         await asyncio.sleep(0.01)
     # "Died while idle": let the closed sockets reach this process. A kill racing
@@ -72,7 +73,7 @@ async def test_requests_succeed_after_every_pooled_connection_was_killed(
     results = [await _select_one(manager) for _ in range(10)]
 
     assert results == [1] * 10
-    assert not set(await _backends(observer)) & set(killed)
+    assert not set(await _backend_pids(observer)) & set(killed)
 
 
 @pytest.mark.parametrize(
