@@ -10,25 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from sqlalchemy.engine import URL
 
 from app.database import DatabaseSessionManager
-from tests.faults.cancellation import (
-    PHASES,
-    QueueReport,
-    StyleReport,
-    cancel_queued_waiters,
-    collected_garbage_warnings,
-    create_schema,
-    drop_schema,
-    noise_in,
-    open_manager,
-    run_style,
-    split_noise,
-)
+from tests.faults.cancel_invariants import StyleReport
+from tests.faults.cancel_noise import collected_garbage_warnings, noise_in, split_noise
+from tests.faults.cancel_phases import PHASES
+from tests.faults.cancel_queued_waiters import QueueReport, cancel_queued_waiters
+from tests.faults.cancel_workload import create_schema, drop_schema, open_manager
+from tests.faults.cancellation import run_style
 from tests.postgres import asyncpg_dsn
 
 ITERATIONS = int(os.environ.get("CANCEL_ITERATIONS", "150"))
@@ -69,28 +62,28 @@ def noise_fixture(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return caplog.records
 
 
-async def _run(
-    manager: DatabaseSessionManager,
-    style: str,
-    iterations: int,
-    pairs_dsn: str,
-    noise: list[logging.LogRecord],
-) -> StyleReport:
-    report = await run_style(manager, style, iterations, SEED, pairs_dsn, APPLICATION_NAME)
-    garbage = collected_garbage_warnings()  # first: what the collector finds is logged too
-    report.noise, report.asyncpg_connect_noise = split_noise(garbage + noise_in(noise))
-    return report
+RunStyle = Callable[[str, int], Awaitable[StyleReport]]
+
+
+@pytest.fixture(name="run_cancelled")
+def run_cancelled_fixture(
+    manager: DatabaseSessionManager, pairs_dsn: str, noise: list[logging.LogRecord]
+) -> RunStyle:
+    """A function running n units of work in a style on `manager`: its report, noise included."""
+
+    async def run(style: str, iterations: int) -> StyleReport:
+        report = await run_style(manager, style, iterations, SEED, pairs_dsn, APPLICATION_NAME)
+        garbage = collected_garbage_warnings()  # first: what the collector finds is logged too
+        report.noise, report.asyncpg_connect_noise = split_noise(garbage + noise_in(noise))
+        return report
+
+    return run
 
 
 @pytest.mark.parametrize("style", ["task", "anyio", "asgi-task", "asgi-anyio"])
-async def test_cancellation_at_any_phase_leaks_nothing(
-    manager: DatabaseSessionManager,
-    pairs_dsn: str,
-    noise: list[logging.LogRecord],
-    style: str,
-) -> None:
+async def test_cancellation_at_any_phase_leaks_nothing(run_cancelled: RunStyle, style: str) -> None:
     """Units of work cancelled at random phases leave no connection, transaction or half pair."""
-    report = await _run(manager, style, ITERATIONS, pairs_dsn, noise)
+    report = await run_cancelled(style, ITERATIONS)
 
     assert not report.violations(), f"rerun with FAULT_SEED={SEED}: {report.line()}"
     missed = [phase for phase in PHASES if not report.landed[phase]]
@@ -99,13 +92,10 @@ async def test_cancellation_at_any_phase_leaks_nothing(
 
 @pytest.mark.parametrize("style", ["http", "http-basemw"])
 async def test_client_disconnect_over_uvicorn_leaks_nothing(
-    manager: DatabaseSessionManager,
-    pairs_dsn: str,
-    noise: list[logging.LogRecord],
-    style: str,
+    run_cancelled: RunStyle, style: str
 ) -> None:
     """Clients resetting their connection mid-request leave nothing; their writes still commit."""
-    report = await _run(manager, style, HTTP_ITERATIONS, pairs_dsn, noise)
+    report = await run_cancelled(style, HTTP_ITERATIONS)
 
     assert not report.violations(), f"rerun with FAULT_SEED={SEED}: {report.line()}"
     # uvicorn does not cancel a request whose client went away, with or without
@@ -120,7 +110,8 @@ async def test_waiters_cancelled_in_the_pool_queue_lose_no_slot(
 ) -> None:
     """15 of 20 sessions queued for a pool of 2 are cancelled: both slots come back."""
     manager = DatabaseSessionManager()
-    # pool_timeout=2: a slot lost for good fails the final checkouts instead of hanging.
+    # pool_timeout=2: a slot lost for good fails the final checkouts instead of hanging,
+    # and a pool queue that never holds all 20 waiters fails the run within 2 s.
     manager.init(
         database_url,
         pool_size=2,
