@@ -24,8 +24,10 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy app tests migrations benchmarks
 
-# Two xdist workers, each on its own database: 15-16 s instead of 26 s on two cores
-# (pytest alone, measured twice each, interleaved).
+# Two xdist workers, each on its own database (and, for tests/faults, its own
+# private PostgreSQL cluster): pytest takes about 80 s on two cores, most of it
+# the fault tests (417 tests; `.ci/run` on a fresh clone, both SQLAlchemy series,
+# 3 min 21 s).
 test: lint
 	$(BIN)/pytest -n 2
 
