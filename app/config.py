@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -22,3 +23,23 @@ def database_url() -> str:
         )
         return DEFAULT_DATABASE_URL
     return url
+
+
+def database_options() -> dict[str, Any]:
+    """`init()` options from the environment, beside the URL.
+
+    `DATABASE_TRANSACTION_POOLER=1` when the URL points at a transaction-mode pooler
+    (PgBouncer, RDS Proxy, ...); `DATABASE_POOL_SIZE=N` for a fixed pool of N.
+    """
+    options: dict[str, Any] = {}
+    pooler = os.environ.get("DATABASE_TRANSACTION_POOLER", "").strip().lower()
+    if pooler not in ("", "0", "1", "false", "true"):
+        raise ValueError(f"DATABASE_TRANSACTION_POOLER must be 0 or 1, got {pooler!r}")
+    if pooler in ("1", "true"):
+        options["transaction_pooler"] = True
+    pool_size = os.environ.get("DATABASE_POOL_SIZE", "").strip()
+    if pool_size:
+        if not pool_size.isdigit():
+            raise ValueError(f"DATABASE_POOL_SIZE must be a positive integer, got {pool_size!r}")
+        options.update(pool_size=int(pool_size), max_overflow=0)
+    return options

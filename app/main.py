@@ -8,14 +8,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import health, items
-from app.config import database_url
+from app.config import database_options, database_url
 from app.database import session_manager
 from app.errors import install_error_handlers
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    session_manager.init(url=database_url())
+    session_manager.init(url=database_url(), **database_options())
     try:
         yield
     finally:

@@ -16,6 +16,7 @@ from ._errors import (
     DatabaseNotInitializedError,
     PoolExhaustedError,
     TransactionAbortedError,
+    TransactionPoolerError,
 )
 from ._manager import DatabaseSessionManager, session_manager
 
@@ -32,6 +33,7 @@ __all__ = [
     "DatabaseSessionManager",
     "PoolExhaustedError",
     "TransactionAbortedError",
+    "TransactionPoolerError",
     "classify_error",
     "get_db",
     "session_manager",

@@ -2,15 +2,14 @@
 
 It reads the SQLSTATE PostgreSQL sent, through SQLAlchemy's wrapper and the
 driver's exception, and recognises the failures that carry none (pool
-exhaustion, lost connections, asyncpg's bare timeouts and socket errors).
+exhaustion, lost connections, and through drivers/ the drivers' bare timeouts and
+socket errors).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import Iterator
-from types import TracebackType
 
 from sqlalchemy import exc
 
@@ -62,12 +61,6 @@ _KIND_BY_SQLSTATE = {
     **dict.fromkeys(_UNAVAILABLE, DatabaseErrorKind.UNAVAILABLE),
 }
 
-# A bare OSError or TimeoutError is the database's only if the driver raised it:
-# asyncpg's connect errors and its command_timeout reach the caller unwrapped.
-_DRIVER_PACKAGE = "asyncpg"
-# The frame every new asyncpg connection passes through: `asyncpg.connect()`.
-_CONNECT_FRAME = ("asyncpg.connection", "connect")
-
 
 def classify_error(error: BaseException) -> DatabaseErrorKind | None:
     """The kind of database failure `error` is, or None if it is not one of the four.
@@ -115,8 +108,14 @@ def _kind_of(error: BaseException) -> DatabaseErrorKind | None:
     # SQLAlchemy decided the connection is gone (a server-side kill, a reset socket).
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return DatabaseErrorKind.UNAVAILABLE
-    if isinstance(error, (TimeoutError, asyncio.TimeoutError, OSError)):
-        return _driver_failure(error)
+    # Failures the driver raises without a SQLSTATE (bare connect errors, its own
+    # statement timeout), which only the driver can tell apart from the app's own.
+    from .drivers import in_use  # here: the drivers import this module
+
+    for driver in in_use():
+        kind = driver.classify(error)
+        if kind is not None:
+            return kind
     return None
 
 
@@ -128,24 +127,3 @@ def _sqlstate(error: BaseException) -> str | None:
         if isinstance(value, str) and len(value) == 5:
             return value
     return None
-
-
-def _driver_failure(error: BaseException) -> DatabaseErrorKind | None:
-    frames = list(_frames(error.__traceback__))
-    if not any(module.partition(".")[0] == _DRIVER_PACKAGE for module, _ in frames):
-        return None  # raised by something other than the driver
-    if _CONNECT_FRAME in frames:
-        # Refused, unresolvable or timed out while connecting: the database is
-        # unreachable, whatever the exception's class.
-        return DatabaseErrorKind.UNAVAILABLE
-    # TimeoutError is an OSError: test it first.
-    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
-        return DatabaseErrorKind.TIMEOUT  # asyncpg's command_timeout
-    return DatabaseErrorKind.UNAVAILABLE  # the socket failed mid-command
-
-
-def _frames(traceback: TracebackType | None) -> Iterator[tuple[str, str]]:
-    while traceback is not None:
-        frame = traceback.tb_frame
-        yield frame.f_globals.get("__name__", ""), frame.f_code.co_name
-        traceback = traceback.tb_next

@@ -13,6 +13,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import QueuePool
 
 from ._errors import DatabaseConfigError
+from .drivers import driver_for
 
 # The async driver to suggest for each backend when a URL names none, or a sync one.
 ASYNC_DRIVERS = {
@@ -32,11 +33,8 @@ ENGINE_DEFAULTS: dict[str, Any] = {
     "hide_parameters": True,
 }
 
-# asyncpg waits 60 s for a connection and forever for a statement, and SQLAlchemy
-# 30 s for a pooled connection: on a stalled network a request would hang that
-# long or longer. These bound every wait a request can make (README, "Timeouts").
-CONNECT_TIMEOUT_SECONDS = 5.0
-COMMAND_TIMEOUT_SECONDS = 30.0
+# SQLAlchemy waits 30 s for a pooled connection: a burst should get a prompt 503.
+# The drivers' own waits (connecting, each statement) are set by drivers/.
 POOL_TIMEOUT_SECONDS = 5.0
 
 
@@ -95,7 +93,9 @@ def parse_async_url(url: object) -> URL:
     return parsed
 
 
-def engine_options(overrides: dict[str, Any], url: URL) -> dict[str, Any]:
+def engine_options(
+    overrides: dict[str, Any], url: URL, *, transaction_pooler: bool = False
+) -> dict[str, Any]:
     """Merge the caller's engine options over the defaults and check the pool sizes."""
     for name, minimum, hint in (
         (
@@ -112,23 +112,20 @@ def engine_options(overrides: dict[str, Any], url: URL) -> dict[str, Any]:
                 f"{name} must be an integer >= {minimum}, got {value!r} ({hint})"
             )
     options = {**ENGINE_DEFAULTS, **overrides}
-    if url.get_dialect().driver == "asyncpg":
-        _add_asyncpg_timeouts(options, url)
-    return options
-
-
-def _add_asyncpg_timeouts(options: dict[str, Any], url: URL) -> None:
-    # Merged key by key, so that connect_args={"server_settings": ...} keeps them;
-    # and not over a value the URL's query sets, which connect_args would replace.
-    connect_args = dict(options.get("connect_args") or {})
-    for name, seconds in (
-        ("timeout", CONNECT_TIMEOUT_SECONDS),
-        ("command_timeout", COMMAND_TIMEOUT_SECONDS),
-    ):
-        if name not in url.query:
-            connect_args.setdefault(name, seconds)
-    options["connect_args"] = connect_args
-    # Only a QueuePool takes pool_timeout (asyncpg's default pool is one).
-    poolclass = options.get("poolclass", QueuePool)
+    # Only a QueuePool takes pool_timeout (SQLite's in-memory databases get another).
+    dialect_class: Any = url.get_dialect()
+    poolclass = options.get("poolclass") or dialect_class.get_pool_class(url)
     if isinstance(poolclass, type) and issubclass(poolclass, QueuePool):
         options.setdefault("pool_timeout", POOL_TIMEOUT_SECONDS)
+    driver = driver_for(url.get_dialect().driver)
+    if driver is not None:
+        # Merged key by key, so that connect_args={"server_settings": ...} keeps them.
+        connect_args = dict(options.get("connect_args") or {})
+        driver.add_connect_defaults(connect_args, url, transaction_pooler=transaction_pooler)
+        options["connect_args"] = connect_args
+    elif transaction_pooler:
+        raise DatabaseConfigError(
+            f"transaction_pooler=True needs a PostgreSQL driver the package knows "
+            f"(asyncpg or psycopg), not '{url.drivername}'"
+        )
+    return options

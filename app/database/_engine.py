@@ -13,7 +13,9 @@ from ._config import engine_options, parse_async_url
 from ._connect_errors import install_connect_errors
 from ._guards import install_commit_guard
 from ._liveness import install_liveness_check
+from ._pooler import install_pooler_detection, install_pooler_guard
 from ._session_state import install_session_state_reset
+from .drivers import driver_for, remember_driver
 
 
 def pool_capacity(pool: Pool) -> int | None:
@@ -24,14 +26,16 @@ def pool_capacity(pool: Pool) -> int | None:
     return None if max_overflow < 0 else pool.size() + max_overflow
 
 
-def build_engine(url: str | URL, engine_kwargs: dict[str, Any]) -> AsyncEngine:
+def build_engine(
+    url: str | URL, engine_kwargs: dict[str, Any], *, transaction_pooler: bool = False
+) -> AsyncEngine:
     """Validate `url`, apply the defaults, and add the package's checks to the engine."""
     parsed = parse_async_url(url)
-    driver = parsed.get_dialect().driver
-    options = engine_options(engine_kwargs, parsed)
-    # asyncpg: a check costing 0-1 round trips instead of pre-ping's 3, unless the
-    # caller asked for pool_pre_ping either way.
-    cheap_liveness = driver == "asyncpg" and ("pool_pre_ping" not in engine_kwargs)
+    driver = driver_for(parsed.get_dialect().driver)
+    options = engine_options(engine_kwargs, parsed, transaction_pooler=transaction_pooler)
+    # A check costing 0-1 round trips instead of pre-ping's 1-3, unless the caller
+    # asked for pool_pre_ping either way.
+    cheap_liveness = driver is not None and "pool_pre_ping" not in engine_kwargs
     if cheap_liveness:
         options["pool_pre_ping"] = False
     engine = create_async_engine(parsed, **options)
@@ -46,12 +50,20 @@ def build_engine(url: str | URL, engine_kwargs: dict[str, Any]) -> AsyncEngine:
         options.update(pool_size=capacity, max_overflow=0)
         options.setdefault("pool_use_lifo", True)
         engine = create_async_engine(parsed, **options)
-    if cheap_liveness:
-        install_liveness_check(engine.sync_engine)
-    if driver == "asyncpg":
-        install_connect_errors(engine.sync_engine)
-        install_prompt_close(engine.sync_engine)
-        install_session_state_reset(engine.sync_engine)
+    sync_engine = engine.sync_engine
+    if driver is not None:
+        remember_driver(sync_engine, driver)
+        if cheap_liveness:
+            install_liveness_check(sync_engine)
+        install_connect_errors(sync_engine, driver)
+        install_prompt_close(sync_engine, driver, transaction_pooler=transaction_pooler)
+        if transaction_pooler:
+            # Nothing session-level gets through, so there is nothing to reset; and a
+            # reset would run on whichever server connection the pooler picks.
+            install_pooler_guard(sync_engine)
+        else:
+            install_session_state_reset(sync_engine)
+            install_pooler_detection(sync_engine, driver)
     if engine.dialect.name == "postgresql":
-        install_commit_guard(engine.sync_engine)
+        install_commit_guard(sync_engine, driver)
     return engine

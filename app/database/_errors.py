@@ -24,6 +24,14 @@ class TransactionAbortedError(RuntimeError):
     """COMMIT was attempted after a statement in the same transaction had failed."""
 
 
+class TransactionPoolerError(RuntimeError):
+    """A statement cannot work behind a transaction pooler, or one is in the way.
+
+    Raised before sending a session-level statement under `transaction_pooler=True`,
+    and for a pooler's prepared-statement clash without it.
+    """
+
+
 class PoolExhaustedError(exc.TimeoutError):
     """No pooled connection became free within `pool_timeout`.
 

@@ -15,32 +15,40 @@ from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.orm import Session, SessionTransaction
 
 from ._errors import TransactionAbortedError
+from .drivers import Driver
 
 # Kept in Connection.info, which belongs to the pooled DBAPI connection; it is
 # cleared whenever a transaction begins, so it never outlives one transaction.
 _FAILED = "app.database.statement_failed"
 
 
-def install_commit_guard(engine: Engine) -> None:
+def install_commit_guard(engine: Engine, driver: Driver | None) -> None:
     """Make `engine` raise `TransactionAbortedError` instead of a silent failed COMMIT.
 
     PostgreSQL only: SQLite and MySQL keep a transaction usable after an error.
     """
+
+    def remember_failure(context: ExceptionContext) -> None:
+        connection = context.connection
+        if (
+            connection is not None
+            and not context.is_disconnect
+            and connection.in_transaction()
+            # Only an error PostgreSQL sent aborted the transaction: not one the
+            # driver raised before sending, nor a statement the package refused.
+            and (driver or Driver()).sent_by_server(context.original_exception)
+        ):
+            connection.info[_FAILED] = True
+
     event.listen(engine, "begin", _forget_failure)
     event.listen(engine, "rollback_savepoint", _forget_failure)
-    event.listen(engine, "handle_error", _remember_failure)
+    event.listen(engine, "handle_error", remember_failure)
     event.listen(engine, "commit", _refuse_failed_commit)
 
 
 def _forget_failure(connection: Connection, *_: Any) -> None:
     # Rolling back to a savepoint taken before the error heals the transaction.
     connection.info.pop(_FAILED, None)
-
-
-def _remember_failure(context: ExceptionContext) -> None:
-    connection = context.connection
-    if connection is not None and not context.is_disconnect and connection.in_transaction():
-        connection.info[_FAILED] = True
 
 
 def _refuse_failed_commit(connection: Connection) -> None:

@@ -1,9 +1,10 @@
-"""A cheap replacement for `pool_pre_ping` on asyncpg: prove a pooled connection alive.
+"""A cheap replacement for `pool_pre_ping`: prove a pooled connection alive.
 
-SQLAlchemy's asyncpg ping is `BEGIN; ; ROLLBACK`, three round trips on every
-checkout. This check costs nothing for a connection the server has visibly
-closed (asyncpg saw the socket close), nothing for one returned to the pool
-moments ago, and one round trip (a simple-protocol `SELECT 1`) otherwise.
+SQLAlchemy's ping costs a round trip on every checkout (three on asyncpg,
+which wraps it in BEGIN ... ROLLBACK). This check costs nothing for a connection
+the driver has seen closed, nothing for one returned to the pool moments ago
+with nothing unread from the server, and one round trip (a simple-protocol
+`SELECT 1`) otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
+from .drivers import driver_of
+
 # A connection checked in this recently is taken as alive without a round trip:
 # under load that is every checkout. Silent deaths (no FIN/RST reached us) within
 # this window are not caught here; the request that meets one fails.
@@ -27,7 +30,7 @@ _LAST_CHECKIN = "app.database.last_checkin"
 
 
 def install_liveness_check(engine: Engine) -> None:
-    """Check each asyncpg connection on checkout, instead of `pool_pre_ping`."""
+    """Check each connection on checkout, instead of `pool_pre_ping`."""
     event.listen(engine, "checkout", _ensure_alive)
     event.listen(engine, "checkin", _remember_checkin)
 
@@ -39,16 +42,17 @@ def _remember_checkin(_: Any, record: ConnectionPoolEntry) -> None:
 def _ensure_alive(
     dbapi_connection: Any, record: ConnectionPoolEntry, _: PoolProxiedConnection
 ) -> None:
-    driver_connection = dbapi_connection.driver_connection
+    driver, connection = driver_of(record), dbapi_connection.driver_connection
     # Raising DisconnectionError makes the pool discard this connection and try
     # another (SQLAlchemy retries the checkout), so the request never sees it.
-    if driver_connection.is_closed():
+    if driver.is_closed(connection):
         raise DisconnectionError("the server closed this pooled connection")
     checked_in = record.info.get(_LAST_CHECKIN)
-    if checked_in is None or time.monotonic() - checked_in < FRESH_SECONDS:
+    fresh = checked_in is None or time.monotonic() - checked_in < FRESH_SECONDS
+    if fresh and not driver.has_pending_input(connection):
         return  # new from connect(), or used moments ago
     try:
         # Not ";": asyncpg 0.32 fails on the empty query's missing command tag.
-        await_only(driver_connection.execute("SELECT 1", timeout=PING_TIMEOUT_SECONDS))
+        await_only(driver.run_simple(connection, "SELECT 1", PING_TIMEOUT_SECONDS))
     except Exception as error:
         raise DisconnectionError(f"ping failed: {type(error).__name__}") from error

@@ -17,7 +17,11 @@ from sqlalchemy.ext.asyncio import (
 
 from ._drain import Drain
 from ._engine import build_engine
-from ._errors import DatabaseAlreadyInitializedError, DatabaseNotInitializedError
+from ._errors import (
+    DatabaseAlreadyInitializedError,
+    DatabaseConfigError,
+    DatabaseNotInitializedError,
+)
 from ._exhaustion import pool_exhaustion_explained
 from ._guards import GuardedSession
 
@@ -60,13 +64,15 @@ class DatabaseSessionManager:
         url = self._engine.url.render_as_string(hide_password=True)
         return f"<DatabaseSessionManager {self._state.value} url={url!r}>"
 
-    def init(self, url: str | URL, **engine_kwargs: Any) -> None:
+    def init(
+        self, url: str | URL, *, transaction_pooler: bool = False, **engine_kwargs: Any
+    ) -> None:
         """Create the engine and session factory; call once at start-up.
 
         `engine_kwargs` go to `create_async_engine` and override the defaults
-        (`pool_recycle=3600`, `hide_parameters=True`; for asyncpg the package's
-        liveness check, `pool_timeout=5` and `connect_args` `timeout=5`,
-        `command_timeout=30`; for other drivers `pool_pre_ping=True`). A QueuePool is
+        (`pool_recycle=3600`, `hide_parameters=True`, `pool_timeout=5`; for asyncpg
+        and psycopg the package's liveness check and bounded connect (5 s) and
+        statement (30 s) timeouts; for other drivers `pool_pre_ping=True`). A QueuePool is
         built to keep all `pool_size + max_overflow` connections, most recently
         used first. Nothing connects yet: the first session opens the first one.
         """
@@ -75,7 +81,11 @@ class DatabaseSessionManager:
                 "DatabaseSessionManager is already initialised: call "
                 "`await session_manager.close()` before calling `init()` again"
             )
-        engine = build_engine(url, engine_kwargs)
+        if not isinstance(transaction_pooler, bool):
+            raise DatabaseConfigError(
+                f"transaction_pooler must be True or False, got {transaction_pooler!r}"
+            )
+        engine = build_engine(url, engine_kwargs, transaction_pooler=transaction_pooler)
         self._drain = Drain(engine, refusal=self._not_open_error)
         self._sessionmaker = async_sessionmaker(engine, **SESSION_OPTIONS)
         self._engine = engine

@@ -36,7 +36,7 @@ from app.database import (
     DatabaseNotInitializedError,
     DatabaseSessionManager,
 )
-from app.database._config import CONNECT_TIMEOUT_SECONDS
+from app.database.drivers import CONNECT_TIMEOUT_SECONDS
 from tests.faults.canary import assert_no_canary, canary_forms, canary_hits, exception_channels
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import APP_ROLE, CANARY_PASSWORD, DATABASE, FaultServer, free_port
@@ -416,7 +416,7 @@ POOL_HINT = (
     ids=["pool_size=0", "pool_size=-1", "pool_size=True", "pool_size='5'", "max_overflow=-2"],
 )
 async def test_bad_pool_size_is_refused_naming_the_fix_without_the_password(
-    option: str, value: object, message: str, sinks: Sinks, fault_server: FaultServer
+    option: str, value: Any, message: str, sinks: Sinks, fault_server: FaultServer
 ) -> None:
     """init() refuses a pool size QueuePool would misread, saying what the value means."""
     manager = DatabaseSessionManager()

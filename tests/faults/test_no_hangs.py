@@ -19,10 +19,9 @@ from sqlalchemy.pool import QueuePool
 
 from app.database import DatabaseSessionManager, _liveness, get_db
 from app.database._config import (
-    COMMAND_TIMEOUT_SECONDS,
-    CONNECT_TIMEOUT_SECONDS,
     POOL_TIMEOUT_SECONDS,
 )
+from app.database.drivers import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS
 from app.main import create_app
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import FaultServer

@@ -9,11 +9,10 @@ from sqlalchemy import make_url
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
 from app.database._config import (
-    COMMAND_TIMEOUT_SECONDS,
-    CONNECT_TIMEOUT_SECONDS,
     POOL_TIMEOUT_SECONDS,
     engine_options,
 )
+from app.database.drivers import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS
 
 ASYNCPG = make_url("postgresql+asyncpg://app@db.example/app")
 
@@ -60,9 +59,9 @@ def test_pool_timeout_is_set_only_for_a_queue_pool(poolclass: Any, has_timeout: 
     assert ("pool_timeout" in options) is has_timeout
 
 
-def test_other_drivers_get_no_asyncpg_options() -> None:
-    """aiosqlite knows neither option; its pool keeps SQLAlchemy's defaults."""
+def test_other_drivers_get_no_driver_options() -> None:
+    """aiosqlite knows none of the drivers' options; its queue pool gets the pool timeout."""
     options = engine_options({}, make_url("sqlite+aiosqlite:///demo.sqlite3"))
 
     assert "connect_args" not in options
-    assert "pool_timeout" not in options
+    assert options["pool_timeout"] == POOL_TIMEOUT_SECONDS

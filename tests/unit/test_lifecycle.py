@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from sqlalchemy import event
@@ -70,7 +71,7 @@ async def test_init_sets_the_documented_defaults(manager: DatabaseSessionManager
     ids=["other-driver", "asked-for"],
 )
 async def test_pre_ping_is_kept_for_other_drivers_and_when_asked_for(
-    manager: DatabaseSessionManager, url: str, options: dict[str, bool]
+    manager: DatabaseSessionManager, url: str, options: dict[str, Any]
 ) -> None:
     """pool_pre_ping stays on where the cheap check does not apply or the caller set it."""
     manager.init(url=url, **options)
@@ -97,7 +98,7 @@ async def test_engine_options_override_the_defaults(manager: DatabaseSessionMana
     [({}, 15), ({"pool_size": 3, "max_overflow": 2}, 5), ({"pool_size": 4, "max_overflow": 0}, 4)],
 )
 async def test_pool_keeps_every_connection_it_may_open(
-    manager: DatabaseSessionManager, sizes: dict[str, int], kept: int
+    manager: DatabaseSessionManager, sizes: dict[str, Any], kept: int
 ) -> None:
     """pool_size + max_overflow connections are all kept: none is closed on its return."""
     manager.init(url=URL, **sizes)

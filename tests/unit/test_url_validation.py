@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import URL
@@ -65,7 +66,7 @@ def test_unknown_dialect_is_refused(manager: DatabaseSessionManager) -> None:
     ],
 )
 def test_bad_pool_sizes_are_refused(
-    manager: DatabaseSessionManager, option: str, value: object
+    manager: DatabaseSessionManager, option: str, value: Any
 ) -> None:
     """pool_size=0 (which QueuePool reads as unbounded) and non-integers are refused."""
     with pytest.raises(DatabaseConfigError, match=f"{option} must be an integer"):

@@ -1,0 +1,108 @@
+"""Which statements change session state: state that outlives the transaction.
+
+Read from the statement's text, for two uses: a connection that ran one is reset
+as it returns to the pool (`_session_state.py`), and behind a transaction pooler
+one is refused before it is sent (`_pooler.py`). Not seen: state changed inside
+functions or `DO` bodies, `SELECT ... INTO TEMP` and `CREATE TABLE pg_temp.x`
+(README, "Session state").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Whitespace and comments before a statement's first word.
+_LEAD = r"(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*"
+# Statements whose effect outlives the transaction, by their first words. SET LOCAL,
+# SET TRANSACTION and SET CONSTRAINTS end with the transaction: not counted. RESET,
+# UNLISTEN, DEALLOCATE, CLOSE and DISCARD only move back towards a new session.
+_SESSION_STATEMENT = re.compile(
+    rf"(?:\A|;){_LEAD}(?:"
+    r"(?P<set>SET)\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)"
+    r"|(?P<listen>LISTEN)\b|(?P<prepare>PREPARE)\b|(?P<declare>DECLARE)\b"
+    r"|(?P<temp>CREATE\s+(?:OR\s+REPLACE\s+)?(?:(?:LOCAL|GLOBAL)\s+)?TEMP(?:ORARY)?)\b"
+    r"|(?P<load>LOAD)\b)",
+    re.IGNORECASE | re.DOTALL,
+)
+# A cheap first look: could the text start with one of those words (or a comment)?
+_STARTS_WITH_KEYWORD = re.compile(r"\s*(?:set|listen|prepare|declare|create|load|--|/\*)")
+# Functions with a session-level effect, anywhere in a statement (not the _xact_
+# advisory locks, which end with the transaction).
+_SESSION_FUNCTION = re.compile(
+    r"\b(?:(?P<set_config>set_config)|(?P<advisory_lock>pg_(?:try_)?advisory_lock(?:_shared)?))"
+    r"\s*\(",
+    re.IGNORECASE,
+)
+# set_config's is_local argument written as a constant true: transaction-scoped.
+_TRUE = frozenset({"true", "'true'", "'t'", "'on'", "'yes'", "'1'", "true::boolean"})
+# A cursor or temp table that ends with its transaction, though it is declared by
+# a statement that can also make one outlive it.
+_ENDS_WITH_TRANSACTION = {
+    "declare": re.compile(r"\bwith\s+hold\b"),  # matched: it outlives the transaction
+    "temp": re.compile(r"\bon\s+commit\s+drop\b"),  # matched: it does not
+}
+
+
+@dataclass(frozen=True)
+class SessionEffect:
+    """One construct in a statement that changes session state."""
+
+    kind: str
+    """"set", "set_config", "advisory_lock", "listen", "prepare", "declare", "temp", "load"."""
+    outlives_transaction: bool
+    """False for a cursor without WITH HOLD and a temp table ON COMMIT DROP."""
+
+    @property
+    def resettable(self) -> bool:
+        """Whether a reset undoes it: a loaded library stays loaded until the session ends."""
+        return self.kind != "load"
+
+
+def session_effects(statement: str) -> list[SessionEffect]:
+    """The constructs in `statement` that can change session state, in order."""
+    # Runs for every statement: plain substring tests first, the regexes only on a hit.
+    lowered = statement.lower()
+    effects: list[SessionEffect] = []
+    if _STARTS_WITH_KEYWORD.match(lowered) or ";" in lowered:
+        for match in _SESSION_STATEMENT.finditer(lowered):
+            kind = match.lastgroup or ""
+            effects.append(SessionEffect(kind, _outlives(kind, lowered, match.end())))
+    if "set_config" in lowered or "advisory_lock" in lowered:
+        for match in _SESSION_FUNCTION.finditer(lowered):
+            if match.group("set_config") and _is_local(lowered, match.end()):
+                continue
+            effects.append(SessionEffect(match.lastgroup or "", True))
+    return effects
+
+
+def _outlives(kind: str, statement: str, start: int) -> bool:
+    check = _ENDS_WITH_TRANSACTION.get(kind)
+    if check is None:
+        return True
+    end = statement.find(";", start)
+    found = check.search(statement, start, len(statement) if end < 0 else end) is not None
+    return found if kind == "declare" else not found
+
+
+def _is_local(statement: str, start: int) -> bool:
+    """Whether the set_config call whose arguments begin at `start` has is_local = true."""
+    arguments: list[str] = []
+    depth, quoted, begin = 0, False, start
+    for position in range(start, len(statement)):
+        character = statement[position]
+        if character == "'":
+            quoted = not quoted  # '' inside a literal toggles twice: no harm
+        elif quoted:
+            continue
+        elif character == "(":
+            depth += 1
+        elif character in ",)" and depth == 0:
+            arguments.append(statement[begin:position])
+            if character == ")":
+                break
+            begin = position + 1
+        elif character == ")":
+            depth -= 1
+    # A bound parameter ($3) could be either: counted as session-level.
+    return len(arguments) == 3 and " ".join(arguments[2].split()).lower() in _TRUE

@@ -1,0 +1,162 @@
+"""asyncpg: bounded waits, cheap checks, prompt cuts and pooler-safe statements.
+
+asyncpg is imported lazily (only `cancel_request` and `classify` need it), so
+this module loads wherever the package does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import Coroutine, Iterator
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy.engine import URL
+
+from .._classify import DatabaseErrorKind
+from .._errors import DatabaseConfigError
+from ._base import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, Driver
+
+# The frame every new asyncpg connection passes through: `asyncpg.connect()`.
+_CONNECT_FRAME = ("asyncpg.connection", "connect")
+
+
+def _unique_statement_name() -> str:
+    # Through a transaction pooler several clients share one server connection:
+    # asyncpg's counter-based names (__asyncpg_stmt_1__) would collide there.
+    return f"__asyncpg_{uuid.uuid4().hex}__"
+
+
+# What transaction-pooler mode needs (README, "Transaction poolers"): no statement
+# prepared by asyncpg or by SQLAlchemy's adapter may be reused in a later
+# transaction, which may run on another server connection; and names must be
+# unique across clients. Any one of the three alone is not enough (FACTS §5).
+_POOLER_CONNECT_ARGS: dict[str, Any] = {
+    "statement_cache_size": 0,
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": _unique_statement_name,
+}
+
+
+class AsyncpgDriver(Driver):
+    """asyncpg, the default driver."""
+
+    name = "asyncpg"
+
+    def add_connect_defaults(
+        self, connect_args: dict[str, Any], url: URL, *, transaction_pooler: bool
+    ) -> None:
+        # Not over a value the URL's query sets, which connect_args would replace.
+        for key, seconds in (
+            ("timeout", CONNECT_TIMEOUT_SECONDS),
+            ("command_timeout", COMMAND_TIMEOUT_SECONDS),
+        ):
+            if key not in url.query:
+                connect_args.setdefault(key, seconds)
+        if transaction_pooler:
+            for key, value in _POOLER_CONNECT_ARGS.items():
+                given = connect_args.get(key, url.query.get(key, value))
+                if key != "prepared_statement_name_func" and str(given) != str(value):
+                    raise DatabaseConfigError(
+                        f"{key}={given!r} contradicts transaction_pooler=True, which needs "
+                        f"{key}={value}: a cached prepared statement outlives its "
+                        "transaction, and the pooler runs the next one elsewhere; remove it"
+                    )
+                connect_args.setdefault(key, value)
+
+    def is_closed(self, connection: Any) -> bool:
+        closed: bool = connection.is_closed()  # asyncpg saw the socket close
+        return closed
+
+    def in_transaction(self, connection: Any) -> bool:
+        in_transaction: bool = connection.is_in_transaction()
+        return in_transaction
+
+    async def run_simple(self, connection: Any, sql: str, timeout: float) -> None:
+        # execute() without arguments uses the simple protocol: one message, no prepare.
+        await connection.execute(sql, timeout=timeout)
+
+    def cut(self, connection: Any) -> None:
+        connection.terminate()
+
+    def cancel_request(self, connection: Any) -> Coroutine[Any, Any, None] | None:
+        # asyncpg's own CancelRequest sender. It is private: asyncpg cancels only
+        # through a connection still open, and terminate() drops pending cancels.
+        try:
+            from asyncpg import connect_utils
+
+            protocol = connection._protocol
+            request: Coroutine[Any, Any, None] = connect_utils._cancel(
+                loop=asyncio.get_running_loop(),
+                addr=connection._addr,
+                params=connection._params,
+                backend_pid=protocol.backend_pid,
+                backend_secret=protocol.backend_secret,
+            )
+        except (ImportError, AttributeError, TypeError):
+            return None  # another asyncpg: the cut still happens, uncancelled
+        return request
+
+    def locate_connect_error(
+        self, error: BaseException, where: str, timeout: object
+    ) -> Exception | None:
+        # asyncpg reports a DNS failure as "Name or service not known" and a connect
+        # timeout as a TimeoutError with no message: neither names the server.
+        # (asyncio.TimeoutError is TimeoutError from Python 3.11, not before.)
+        if isinstance(error, asyncio.TimeoutError):
+            return type(error)(
+                f"the database at {where} did not answer within {timeout} s "
+                "(connect_args['timeout']): check the network path to it and the server's load"
+            )
+        if not isinstance(error, (ConnectionError, socket.gaierror)):
+            return None  # a TLS or authentication error says enough already
+        reason = error.strerror or str(error)
+        if isinstance(error, socket.gaierror):
+            message = (
+                f"could not resolve the database host in {where} ({reason}): check the URL's host"
+            )
+        else:
+            message = (
+                f"could not connect to the database at {where} ({reason}): check that "
+                "the server is running and the URL's host and port"
+            )
+        # The same class, so `except ConnectionRefusedError` and classify_error still work.
+        return type(error)(error.errno, message)
+
+    def sent_by_server(self, error: BaseException) -> bool:
+        # asyncpg raises its client-side encoding failures as a DataError carrying
+        # SQLSTATE 22000 too; only a message from the server has a severity. The
+        # SQLAlchemy adapter's exception wraps asyncpg's as its cause.
+        while error is not None:
+            if hasattr(error, "severity"):
+                return error.severity is not None
+            error = error.__cause__  # type: ignore[assignment]
+        return False
+
+    def classify(self, error: BaseException) -> DatabaseErrorKind | None:
+        # asyncpg's connect errors and its command_timeout reach the caller as bare
+        # OSError / TimeoutError: they are the database's only if asyncpg raised them.
+        if not isinstance(error, (TimeoutError, asyncio.TimeoutError, OSError)):
+            return None
+        frames = list(_frames(error.__traceback__))
+        if not any(module.partition(".")[0] == "asyncpg" for module, _ in frames):
+            return None  # raised by something other than the driver
+        if _CONNECT_FRAME in frames:
+            # Refused, unresolvable or timed out while connecting: unreachable.
+            return DatabaseErrorKind.UNAVAILABLE
+        # TimeoutError is an OSError: test it first.
+        if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+            return DatabaseErrorKind.TIMEOUT  # command_timeout
+        return DatabaseErrorKind.UNAVAILABLE  # the socket failed mid-command
+
+
+def _frames(traceback: TracebackType | None) -> Iterator[tuple[str, str]]:
+    while traceback is not None:
+        frame = traceback.tb_frame
+        yield frame.f_globals.get("__name__", ""), frame.f_code.co_name
+        traceback = traceback.tb_next
+
+
+DRIVER = AsyncpgDriver()

@@ -1,0 +1,100 @@
+"""What the package needs from a PostgreSQL driver: one subclass per driver.
+
+The core (liveness, session-state reset, prompt close, connection errors, error
+classification, transaction-pooler mode) talks to drivers only through this
+interface, so supporting another driver means adding one module beside this one.
+`connection` below is always the driver's own connection object
+(`dbapi_connection.driver_connection`), never SQLAlchemy's adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import URL
+
+if TYPE_CHECKING:
+    from .._classify import DatabaseErrorKind
+
+# The waits every driver bounds by default (README, "Timeouts"): connecting, one
+# statement, and (SQLAlchemy's, driver-independent) a free pooled connection.
+CONNECT_TIMEOUT_SECONDS = 5.0
+COMMAND_TIMEOUT_SECONDS = 30.0
+
+
+class Driver:
+    """One PostgreSQL driver, as the package's guarantees need it."""
+
+    name: str = ""
+    """SQLAlchemy's name for it: the part after '+' in the URL's scheme."""
+
+    def add_connect_defaults(
+        self, connect_args: dict[str, Any], url: URL, *, transaction_pooler: bool
+    ) -> None:
+        """Set bounded timeouts (and pooler-safe settings) in `connect_args`, in place.
+
+        A value the caller passed, in `connect_args` or the URL's query, is kept;
+        one that contradicts `transaction_pooler` raises `DatabaseConfigError`.
+        """
+        raise NotImplementedError
+
+    def is_closed(self, connection: Any) -> bool:
+        """Whether the connection is visibly dead, found without any I/O."""
+        raise NotImplementedError
+
+    def has_pending_input(self, connection: Any) -> bool:
+        """Whether the server sent something the driver has not read yet (no I/O).
+
+        A driver that reads continuously (asyncpg) has seen it already: False.
+        """
+        return False
+
+    def in_transaction(self, connection: Any) -> bool:
+        """Whether the server side holds an open transaction for this connection."""
+        raise NotImplementedError
+
+    async def run_simple(self, connection: Any, sql: str, timeout: float) -> None:
+        """Send `sql` (one or more statements) as one simple-protocol message, bounded."""
+        raise NotImplementedError
+
+    def cut(self, connection: Any) -> None:
+        """Drop the connection at once, without waiting for the server to answer."""
+        raise NotImplementedError
+
+    def cancel_request(self, connection: Any) -> Coroutine[Any, Any, None] | None:
+        """A coroutine sending PostgreSQL's CancelRequest for the running statement.
+
+        Built now, while the connection still knows its backend; sent later. None
+        when the driver cannot build one.
+        """
+        raise NotImplementedError
+
+    def locate_connect_error(
+        self, error: BaseException, where: str, timeout: object
+    ) -> Exception | None:
+        """The same failure, re-raised with the server's `where` (host:port) named.
+
+        None when `error` is not a network failure or already names the server.
+        """
+        raise NotImplementedError
+
+    def classify(self, error: BaseException) -> DatabaseErrorKind | None:
+        """The kind of a driver failure that carries no SQLSTATE, or None."""
+        raise NotImplementedError
+
+    def sent_by_server(self, error: BaseException) -> bool:
+        """Whether PostgreSQL sent `error` (so it aborted the transaction).
+
+        An error the driver raised before sending anything (a value it cannot
+        encode) leaves the transaction usable.
+        """
+        sqlstate = getattr(error, "sqlstate", None)
+        return isinstance(sqlstate, str) and len(sqlstate) == 5
+
+    def is_prepared_statement_clash(self, error: BaseException) -> bool:
+        """Whether `error` is a prepared statement missing or duplicated by a pooler."""
+        sqlstate = getattr(error, "sqlstate", None)
+        # 26000 invalid_sql_statement_name ("does not exist"), 42P05
+        # duplicate_prepared_statement ("already exists").
+        return sqlstate in ("26000", "42P05") and "prepared statement" in str(error)

@@ -1,0 +1,205 @@
+"""psycopg 3: the same guarantees as asyncpg, through psycopg's public hooks where it has them.
+
+psycopg has no client-side statement timeout: connections are made from a
+subclass whose every wait on the server (statements, COMMIT, ROLLBACK) is
+bounded by `command_timeout`; a statement that overruns gets a CancelRequest
+and its connection is cut, as asyncpg's `command_timeout` does. This module is
+imported only for `postgresql+psycopg://` engines, so psycopg is imported freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+import psycopg
+from psycopg import errors, generators, waiting
+from sqlalchemy.engine import URL
+
+from .._classify import DatabaseErrorKind
+from .._errors import DatabaseConfigError
+from ._base import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, Driver
+
+_STATUS = psycopg.pq.TransactionStatus
+# libpq counts connect_timeout in whole seconds, 2 at least.
+_MIN_CONNECT_TIMEOUT = 2
+# Bounds the CancelRequest's own connection (it may cross the same stalled network).
+_CANCEL_TIMEOUT_SECONDS = 0.5
+
+
+class CommandTimeoutError(psycopg.OperationalError):
+    """A wait on the server outlasted `command_timeout`; the connection was cut."""
+
+
+class BoundedConnection(psycopg.AsyncConnection[Any]):
+    """A psycopg connection whose waits on the server end after `command_timeout`."""
+
+    command_timeout: float | None = COMMAND_TIMEOUT_SECONDS
+    _waits = 0  # waits in progress: a cut must not close the socket under one
+    _cut = False
+
+    async def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        self._waits += 1
+        try:
+            return await super().wait(gen, interval, timeout or self.command_timeout)
+        except errors.OperationalError as error:
+            # psycopg's own wait timeout (a private subclass): anything else passes.
+            if type(error).__name__ != "_WaitTimeout":
+                raise
+            cancel = DRIVER.cancel_request(self)
+            self._cut = True
+            _shutdown(self)
+            if cancel is not None:
+                from .._closing import send_in_background
+
+                send_in_background(cancel)
+            raise CommandTimeoutError(
+                f"the server did not answer within {self.command_timeout} s "
+                "(connect_args['command_timeout']); the statement was cancelled and the "
+                "connection closed: check for locks, slow queries or a stalled network"
+            ) from None
+        finally:
+            self._waits -= 1
+            if self._cut and not self._waits:
+                self.pgconn.finish()  # nobody waits on the socket any more
+
+
+def _shutdown(connection: psycopg.AsyncConnection[Any]) -> None:
+    # shutdown(), not close(): a coroutine waiting on this socket wakes up to an
+    # end of file instead of waiting on a closed descriptor forever.
+    with contextlib.suppress(OSError):
+        fd = os.dup(connection.pgconn.socket)
+        with socket.socket(fileno=fd) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+
+
+def _connector(command_timeout: float | None) -> Any:
+    async def connect(*args: Any, **kwargs: Any) -> BoundedConnection:
+        connection = await BoundedConnection.connect(*args, **kwargs)
+        connection.command_timeout = command_timeout
+        return connection
+
+    return connect
+
+
+class PsycopgDriver(Driver):
+    """psycopg 3 (`postgresql+psycopg://`)."""
+
+    name = "psycopg"
+
+    def add_connect_defaults(
+        self, connect_args: dict[str, Any], url: URL, *, transaction_pooler: bool
+    ) -> None:
+        if "connect_timeout" not in url.query:
+            seconds = max(_MIN_CONNECT_TIMEOUT, round(CONNECT_TIMEOUT_SECONDS))
+            connect_args.setdefault("connect_timeout", seconds)
+        if "async_creator_fn" in connect_args:
+            raise DatabaseConfigError(
+                "connect_args['async_creator_fn'] would replace the package's bounded "
+                "psycopg connections: pass `async_creator=` to init() instead"
+            )
+        command_timeout = connect_args.pop("command_timeout", COMMAND_TIMEOUT_SECONDS)
+        connect_args["async_creator_fn"] = _connector(command_timeout)
+        if transaction_pooler:
+            # psycopg prepares a statement on the server after 5 executions; through a
+            # pooler the next transaction may run where it does not exist, or exists.
+            given = connect_args.setdefault("prepare_threshold", None)
+            if given is not None:
+                raise DatabaseConfigError(
+                    f"prepare_threshold={given!r} contradicts transaction_pooler=True, which "
+                    "needs prepare_threshold=None: a prepared statement outlives its "
+                    "transaction, and the pooler runs the next one elsewhere; remove it"
+                )
+
+    def is_closed(self, connection: Any) -> bool:
+        closed: bool = connection.closed
+        return closed
+
+    def has_pending_input(self, connection: Any) -> bool:
+        # psycopg reads only when asked, so a connection the server closed while it
+        # sat in the pool still looks open; what the server sent then is unread.
+        with contextlib.suppress(OSError, ValueError):
+            import select
+
+            readable, _, _ = select.select([connection.pgconn.socket], [], [], 0)
+            return bool(readable)
+        return True
+
+    def in_transaction(self, connection: Any) -> bool:
+        # Anything but IDLE (between transactions) or UNKNOWN (connection gone).
+        status = connection.pgconn.transaction_status
+        return status in (_STATUS.INTRANS, _STATUS.INERROR, _STATUS.ACTIVE)
+
+    async def run_simple(self, connection: Any, sql: str, timeout: float) -> None:
+        # Without parameters psycopg sends a simple Query: several statements, one message.
+        if not isinstance(connection, BoundedConnection):
+            async with connection.cursor() as cursor:
+                await asyncio.wait_for(cursor.execute(sql, prepare=False), timeout)
+            return
+        # Bounded by the connection's own timeout, which cuts it cleanly on expiry.
+        usual = connection.command_timeout
+        connection.command_timeout = min(usual or timeout, timeout)
+        try:
+            async with connection.cursor() as cursor:
+                await cursor.execute(sql, prepare=False)
+        finally:
+            connection.command_timeout = usual
+
+    def cut(self, connection: Any) -> None:
+        if isinstance(connection, BoundedConnection) and connection._waits:
+            connection._cut = True  # its wait closes the connection once it wakes
+            _shutdown(connection)
+        else:
+            connection.pgconn.finish()
+
+    def cancel_request(self, connection: Any) -> Coroutine[Any, Any, None] | None:
+        try:
+            cancel_connection = connection.pgconn.cancel_conn()  # libpq >= 17
+            cancel_connection.start()
+        except (psycopg.Error, AttributeError):
+            return None
+        return _send_cancel(cancel_connection)
+
+    def locate_connect_error(
+        self, error: BaseException, where: str, timeout: object
+    ) -> Exception | None:
+        if not isinstance(error, psycopg.OperationalError) or where in str(error):
+            return None
+        message = str(error)
+        if "timeout expired" in message:
+            return type(error)(
+                f"the database at {where} did not answer within {timeout} s "
+                "(connect_args['connect_timeout']): check the network path to it and "
+                "the server's load"
+            )
+        return None  # libpq names host and port itself ("connection to server at ...")
+
+    def classify(self, error: BaseException) -> DatabaseErrorKind | None:
+        if isinstance(error, CommandTimeoutError):
+            return DatabaseErrorKind.TIMEOUT
+        if isinstance(error, psycopg.OperationalError) and (
+            getattr(error, "sqlstate", None) is None
+        ):
+            # No SQLSTATE: libpq's own failures (refused, unresolvable, timed out,
+            # connection lost mid-command).
+            message = str(error)
+            if "authentication failed" in message or "does not exist" in message:
+                return None  # configuration, not an outage
+            return DatabaseErrorKind.UNAVAILABLE
+        return None
+
+
+async def _send_cancel(cancel_connection: Any) -> None:
+    try:
+        await waiting.wait_conn_async(
+            generators.cancel(cancel_connection), timeout=_CANCEL_TIMEOUT_SECONDS
+        )
+    finally:
+        cancel_connection.finish()
+
+
+DRIVER = PsycopgDriver()
