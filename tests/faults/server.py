@@ -22,6 +22,7 @@ from typing import Literal
 
 from sqlalchemy.engine import URL
 
+from tests.drivers import DRIVERNAME
 from tests.paths import REPO_ROOT
 
 # Needs percent-encoding in a URL: '@', ':', '/', '%', '#' and '?' all appear.
@@ -172,7 +173,7 @@ class FaultServer:
     def app_url(self, *, port: int | None = None, password: str = CANARY_PASSWORD) -> URL:
         """The `app` role's URL, directly or through a proxy listening on `port`."""
         return URL.create(
-            "postgresql+asyncpg",
+            DRIVERNAME,
             username=APP_ROLE,
             password=password,
             host="127.0.0.1",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import uuid
 from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import Any
@@ -23,20 +22,23 @@ from ._base import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, Driver
 _CONNECT_FRAME = ("asyncpg.connection", "connect")
 
 
-def _unique_statement_name() -> str:
-    # Through a transaction pooler several clients share one server connection:
-    # asyncpg's counter-based names (__asyncpg_stmt_1__) would collide there.
-    return f"__asyncpg_{uuid.uuid4().hex}__"
+def _unnamed_statement() -> str:
+    # The unnamed statement: each Parse replaces it, so none stays on the server
+    # connection after its transaction. Named ones would: asyncpg closes a
+    # statement lazily, on a later transaction that the pooler may run elsewhere,
+    # and unique names (SQLAlchemy's documented recipe) then pile up on the
+    # pooler's server connections (measured: 11-21 each after 1,000 units).
+    return ""
 
 
 # What transaction-pooler mode needs (README, "Transaction poolers"): no statement
 # prepared by asyncpg or by SQLAlchemy's adapter may be reused in a later
-# transaction, which may run on another server connection; and names must be
-# unique across clients. Any one of the three alone is not enough (FACTS §5).
+# transaction, which may run on another server connection, or collide with
+# another client's on a shared one.
 _POOLER_CONNECT_ARGS: dict[str, Any] = {
     "statement_cache_size": 0,
     "prepared_statement_cache_size": 0,
-    "prepared_statement_name_func": _unique_statement_name,
+    "prepared_statement_name_func": _unnamed_statement,
 }
 
 
