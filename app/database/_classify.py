@@ -71,10 +71,16 @@ def classify_error(error: BaseException) -> DatabaseErrorKind | None:
     (`raise ... from`), not the implicit context of an error raised while
     handling another, which describes a failure of its own.
     """
-    for link in _chain(error):
+    links = list(_chain(error))
+    for link in links:
         kind = _kind_of(link)
         if kind is not None:
             return kind
+    # Last, as it says less than a driver's own error (a lost connection may have
+    # been cut by the driver's statement timeout): SQLAlchemy decided the connection
+    # is gone (a server-side kill, a reset socket).
+    if any(isinstance(link, exc.DBAPIError) and link.connection_invalidated for link in links):
+        return DatabaseErrorKind.UNAVAILABLE
     return None
 
 
@@ -105,9 +111,6 @@ def _kind_of(error: BaseException) -> DatabaseErrorKind | None:
             kind = DatabaseErrorKind.UNAVAILABLE
         if kind is not None:
             return kind
-    # SQLAlchemy decided the connection is gone (a server-side kill, a reset socket).
-    if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
-        return DatabaseErrorKind.UNAVAILABLE
     # Failures the driver raises without a SQLSTATE (bare connect errors, its own
     # statement timeout), which only the driver can tell apart from the app's own.
     from .drivers import in_use  # here: the drivers import this module

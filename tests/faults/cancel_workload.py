@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.database import DatabaseSessionManager
+from tests.drivers import application_name as named
 from tests.faults.cancel_phases import Iteration
 
 POOL_CAPACITY = 4
@@ -86,7 +87,7 @@ def open_manager(url: URL, application_name: str) -> DatabaseSessionManager:
         pool_size=POOL_CAPACITY,
         max_overflow=0,
         pool_timeout=POOL_TIMEOUT_SECONDS,
-        connect_args={"server_settings": {"application_name": application_name}},
+        connect_args=named(application_name),
     )
     return manager
 

@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from app.config import database_url
 from app.database import AsyncSessionDep, session_manager
+from tests.drivers import application_name
 
 # Room for every request the tests send at once, so all of them reach the server
 # (none waits in the pool queue) before the test sends SIGTERM.
@@ -28,7 +29,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url=database_url(),
         pool_size=POOL_SIZE,
         max_overflow=0,
-        connect_args={"server_settings": {"application_name": os.environ["SHUTDOWN_APP_NAME"]}},
+        connect_args=application_name(os.environ["SHUTDOWN_APP_NAME"]),
     )
     try:
         yield

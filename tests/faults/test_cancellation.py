@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from app.database import DatabaseSessionManager
+from tests.drivers import application_name
 from tests.faults.cancel_invariants import StyleReport
 from tests.faults.cancel_noise import collected_garbage_warnings, noise_in, split_noise
 from tests.faults.cancel_phases import PHASES
@@ -117,7 +118,7 @@ async def test_waiters_cancelled_in_the_pool_queue_lose_no_slot(
         pool_size=2,
         max_overflow=0,
         pool_timeout=2,
-        connect_args={"server_settings": {"application_name": APPLICATION_NAME}},
+        connect_args=application_name(APPLICATION_NAME),
     )
     try:
         report = await cancel_queued_waiters(manager, style, waiters=20, cancelled=15)

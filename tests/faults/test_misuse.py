@@ -37,6 +37,7 @@ from app.database import (
     DatabaseSessionManager,
 )
 from app.database.drivers import CONNECT_TIMEOUT_SECONDS
+from tests.drivers import application_name
 from tests.faults.canary import assert_no_canary, canary_forms, canary_hits, exception_channels
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import APP_ROLE, CANARY_PASSWORD, DATABASE, FaultServer, free_port
@@ -108,7 +109,7 @@ class Sinks:
             # captured stdout: a name of its own keeps it away from later tests.
             "logging_name": self.application_name,
             "pool_logging_name": self.application_name,
-            "connect_args": {"server_settings": {"application_name": self.application_name}},
+            "connect_args": application_name(self.application_name),
         }
 
 

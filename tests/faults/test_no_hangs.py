@@ -23,6 +23,7 @@ from app.database._config import (
 )
 from app.database.drivers import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS
 from app.main import create_app
+from tests.drivers import application_name
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import FaultServer
 from tests.integration.live_server import serve
@@ -100,7 +101,7 @@ async def test_the_default_timeouts_apply_alongside_the_callers_connect_args(
     manager = DatabaseSessionManager()
     manager.init(
         fault_server.app_url(),
-        connect_args={"server_settings": {"application_name": "no-hangs-defaults"}},
+        connect_args=application_name("no-hangs-defaults"),
     )
     try:
         async with manager.engine.connect() as connection:

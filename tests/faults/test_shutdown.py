@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL
 
 from app.database import DatabaseNotInitializedError, DatabaseSessionManager
 from app.database._closing import CANCEL_TIMEOUT_SECONDS
+from tests.drivers import application_name
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import FaultServer
 from tests.faults.service import Service, running_service
@@ -105,7 +106,7 @@ async def committed(observer: asyncpg.Connection, names: list[str]) -> set[str]:
 
 def open_manager(manager: DatabaseSessionManager, url: URL, name: str) -> None:
     """`init()` on `url`, with backends named `name`."""
-    manager.init(url, connect_args={"server_settings": {"application_name": name}})
+    manager.init(url, connect_args=application_name(name))
 
 
 def count_cuts(manager: DatabaseSessionManager) -> list[object]:

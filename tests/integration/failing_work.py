@@ -16,6 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.database import DatabaseSessionManager
+from tests.drivers import application_name as named
 from tests.postgres import checked_out
 
 SCHEMA = """
@@ -52,7 +53,7 @@ async def private_manager(
     manager = DatabaseSessionManager()
     connect_args = {
         **engine_kwargs.pop("connect_args", {}),
-        "server_settings": {"application_name": application_name},
+        **named(application_name),
     }
     manager.init(url=url, connect_args=connect_args, **engine_kwargs)
     try:

@@ -13,6 +13,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 
 from app.database import DatabaseSessionManager
+from tests.drivers import application_name
 from tests.postgres import count_backends
 
 APPLICATION = f"engine-hooks-{os.getpid()}"
@@ -26,7 +27,7 @@ async def test_the_callers_do_connect_listener_still_runs(database_url: URL) -> 
 
     @event.listens_for(manager.engine.sync_engine, "do_connect")
     def remember(_: Any, __: Any, ___: Any, cparams: dict[str, Any]) -> None:
-        seen.append(cparams["database"])
+        seen.append(cparams.get("database", cparams.get("dbname")))  # asyncpg's, libpq's
 
     try:
         async with manager.session() as db:
@@ -45,7 +46,7 @@ async def test_a_cancelled_close_still_cuts_and_closes_every_connection(
         url=database_url,
         pool_size=2,
         max_overflow=0,
-        connect_args={"server_settings": {"application_name": APPLICATION}},
+        connect_args=application_name(APPLICATION),
     )
     async with manager.session() as db:  # one idle pooled connection
         await db.execute(text("SELECT 1"))

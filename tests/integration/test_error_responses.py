@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.database import AsyncSessionDep, DatabaseSessionManager, get_db
 from app.errors import install_error_handlers
 from app.main import create_app
+from tests.drivers import DRIVERNAME
 from tests.integration.failing_work import (
     Rendezvous,
     connection_held,
@@ -196,7 +197,7 @@ async def test_statement_timeout_answers_504(client: httpx.AsyncClient) -> None:
 async def test_client_command_timeout_answers_504(
     failing_app: FastAPI, database_url: URL, observer: asyncpg.Connection
 ) -> None:
-    """asyncpg's command_timeout, raised as a bare TimeoutError, is a 504 too."""
+    """The driver's command_timeout (asyncpg's: a bare TimeoutError) is a 504 too."""
     async with (
         manager_on_error_tables(
             database_url, observer, APPLICATION_NAME, connect_args={"command_timeout": 0.2}
@@ -228,7 +229,7 @@ async def test_connection_lost_mid_request_answers_503(client: httpx.AsyncClient
 
 async def test_unreachable_database_answers_503(failing_app: FastAPI) -> None:
     """Nothing listening at the database's address is a 503 with Retry-After: 5."""
-    url = "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+    url = f"{DRIVERNAME}://postgres@127.0.0.1:1/none"
     async with (
         private_manager(url, APPLICATION_NAME) as manager,
         _client(failing_app, manager) as client,

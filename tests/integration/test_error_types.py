@@ -26,6 +26,7 @@ from app.database import (
     classify_error,
 )
 from app.models import Item
+from tests.drivers import DRIVER, DRIVERNAME
 from tests.integration.failing_work import (
     Rendezvous,
     connection_held,
@@ -175,13 +176,13 @@ async def test_lock_timeout_is_a_timeout(manager: DatabaseSessionManager) -> Non
 
 
 async def test_client_command_timeout_is_a_timeout(database_url: URL) -> None:
-    """asyncpg's own command_timeout, raised unwrapped as TimeoutError, is classified TIMEOUT."""
+    """The driver's command_timeout (asyncpg's, raised unwrapped as TimeoutError) is TIMEOUT."""
     async with private_manager(
         database_url, APPLICATION_NAME, connect_args={"command_timeout": 0.2}
     ) as manager:
         error = await _failure_of(manager, partial(sleep, seconds=5))
 
-    assert isinstance(error, TimeoutError)
+    assert isinstance(error, TimeoutError if DRIVER == "asyncpg" else exc.OperationalError)
     assert classify_error(error) is DatabaseErrorKind.TIMEOUT
 
 
@@ -211,11 +212,11 @@ async def test_connection_lost_mid_transaction_is_unavailable(
 
 
 async def test_refused_connection_is_unavailable() -> None:
-    """Nothing listening at the address: the bare ConnectionRefusedError is UNAVAILABLE."""
-    async with private_manager("postgresql+asyncpg://postgres@127.0.0.1:1/none", "unused") as man:
+    """Nothing listening at the address (asyncpg: a bare ConnectionRefusedError) is UNAVAILABLE."""
+    async with private_manager(f"{DRIVERNAME}://postgres@127.0.0.1:1/none", "unused") as man:
         error = await _failure_of(man, partial(sleep, seconds=0))
 
-    assert isinstance(error, ConnectionRefusedError)
+    assert isinstance(error, ConnectionRefusedError if DRIVER == "asyncpg" else exc.DBAPIError)
     assert classify_error(error) is DatabaseErrorKind.UNAVAILABLE
 
 
@@ -240,11 +241,13 @@ async def _silent_server() -> AsyncIterator[int]:
 async def test_connect_timeout_is_unavailable() -> None:
     """A server that accepts but never answers: the connect timeout is UNAVAILABLE, not TIMEOUT."""
     async with _silent_server() as port:
-        url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/none"
-        async with private_manager(url, "unused", connect_args={"timeout": 0.2}) as manager:
+        url = f"{DRIVERNAME}://postgres@127.0.0.1:{port}/none"
+        # libpq's connect_timeout counts whole seconds, 2 at least.
+        bound = {"timeout": 0.2} if DRIVER == "asyncpg" else {"connect_timeout": 2}
+        async with private_manager(url, "unused", connect_args=bound) as manager:
             error = await _failure_of(manager, partial(sleep, seconds=0))
 
-    assert isinstance(error, TimeoutError)
+    assert isinstance(error, TimeoutError if DRIVER == "asyncpg" else exc.DBAPIError)
     assert classify_error(error) is DatabaseErrorKind.UNAVAILABLE
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.database import DatabaseSessionManager, _liveness
+from tests.drivers import application_name, backend_pid
 from tests.postgres import count_backends
 
 APPLICATION = f"liveness-test-{os.getpid()}"
@@ -27,7 +28,7 @@ async def manager_fixture(database_url: URL) -> AsyncIterator[DatabaseSessionMan
         url=database_url,
         pool_size=3,
         max_overflow=0,
-        connect_args={"server_settings": {"application_name": APPLICATION}},
+        connect_args=application_name(APPLICATION),
     )
     yield manager
     await manager.close()
@@ -104,8 +105,7 @@ async def test_ping_is_sent_only_for_a_connection_idle_longer_than_the_window(
 
 async def _server_pid(connection: AsyncConnection) -> int:
     raw = await connection.get_raw_connection()
-    pid: int = raw.driver_connection.get_server_pid()  # type: ignore[union-attr]  # asyncpg's
-    return pid
+    return backend_pid(raw.driver_connection)
 
 
 async def test_a_connection_whose_server_stops_answering_is_replaced(

@@ -135,19 +135,22 @@ class PsycopgDriver(Driver):
         return status in (_STATUS.INTRANS, _STATUS.INERROR, _STATUS.ACTIVE)
 
     async def run_simple(self, connection: Any, sql: str, timeout: float) -> None:
-        # Without parameters psycopg sends a simple Query: several statements, one message.
-        if not isinstance(connection, BoundedConnection):
-            async with connection.cursor() as cursor:
-                await asyncio.wait_for(cursor.execute(sql, prepare=False), timeout)
-            return
-        # Bounded by the connection's own timeout, which cuts it cleanly on expiry.
-        usual = connection.command_timeout
-        connection.command_timeout = min(usual or timeout, timeout)
+        # Without parameters and prepare=False psycopg sends one simple Query message;
+        # in autocommit mode, without a BEGIN of its own first (which would put the
+        # reset inside a transaction that the pool's rollback then undoes).
+        usual_timeout = getattr(connection, "command_timeout", None)
+        if isinstance(connection, BoundedConnection):
+            # Bounded by the connection's own timeout, which cuts it cleanly on expiry.
+            connection.command_timeout = min(usual_timeout or timeout, timeout)
+        await connection.set_autocommit(True)  # client-side only: the connection is idle
         try:
             async with connection.cursor() as cursor:
-                await cursor.execute(sql, prepare=False)
+                await asyncio.wait_for(cursor.execute(sql, prepare=False), timeout * 2)
         finally:
-            connection.command_timeout = usual
+            if not connection.closed:
+                await connection.set_autocommit(False)
+            if isinstance(connection, BoundedConnection):
+                connection.command_timeout = usual_timeout
 
     def cut(self, connection: Any) -> None:
         if isinstance(connection, BoundedConnection) and connection._waits:
