@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-from-lock
 PORT ?= 8000
 
-.PHONY: venv demo lint test test-sqlalchemy-2.0 soak bench-isolation bench-venv bench clean lock
+.PHONY: venv pgbouncer demo lint test test-sqlalchemy-2.0 soak bench-isolation bench-venv bench clean lock
 
 venv: $(STAMP)
 
@@ -14,6 +14,31 @@ $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $(STAMP)
+
+# PgBouncer for the pooler tests (tests/faults/pgbouncer.py runs private instances
+# of it). Nothing to do when it is installed. Otherwise, as root with apt-get,
+# Debian's package; its postinst would start a system-wide pgbouncer on :6432, so a
+# policy-rc.d answering 101 ("action forbidden") keeps every service from starting
+# during the install, and is removed afterwards only if this target created it.
+POLICY_RC_D := /usr/sbin/policy-rc.d
+pgbouncer:
+	@if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "The tests need PgBouncer, which is not installed: on Debian or Ubuntu run" >&2; \
+		echo "  sudo apt-get install pgbouncer" >&2; \
+		echo "(the tests start private instances; the system service is not needed)," >&2; \
+		echo "or put a pgbouncer program on PATH, then run make again." >&2; \
+		exit 1; \
+	fi; \
+	set -e; \
+	if [ ! -e $(POLICY_RC_D) ]; then \
+		trap 'rm -f $(POLICY_RC_D)' EXIT; trap 'exit 130' INT TERM; \
+		printf '#!/bin/sh\n# make pgbouncer: start no service during the install\nexit 101\n' \
+			> $(POLICY_RC_D); \
+		chmod 755 $(POLICY_RC_D); \
+	fi; \
+	apt-get update; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer
 
 demo: venv
 	$(BIN)/alembic upgrade head
@@ -28,7 +53,7 @@ lint: venv
 # private PostgreSQL cluster): pytest takes about 80 s on two cores, most of it
 # the fault tests (417 tests; `.ci/run` on a fresh clone, both SQLAlchemy series,
 # 3 min 21 s).
-test: lint
+test: lint pgbouncer
 	$(BIN)/pytest -n 2
 
 # The same suite on SQLAlchemy 2.0, in a venv of its own.
@@ -39,16 +64,18 @@ $(VENV20)/.installed: requirements.lock requirements-sqlalchemy-2.0.txt
 	$(VENV20)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-sqlalchemy-2.0.txt
 	touch $@
 
-test-sqlalchemy-2.0: $(VENV20)/.installed
+test-sqlalchemy-2.0: $(VENV20)/.installed pgbouncer
 	$(VENV20)/bin/pytest -n 2
 
 # The fault scenarios for about a minute each under 50 writers, on a private
-# PostgreSQL cluster (initdb into a temporary directory), then 1,000 cancellations
-# per style on a database of its own on 127.0.0.1:5432: one line of figures per
-# scenario, non-zero exit if a promise broke. About 12 minutes; see README,
-# "Reliability".
-soak: venv
+# PostgreSQL cluster (initdb into a temporary directory), the same through a private
+# PgBouncer in transaction mode plus a minute of 4 services sharing it, then 1,000
+# cancellations per style on a database of its own on 127.0.0.1:5432: one line of
+# figures per scenario, non-zero exit if a promise broke. About 21 minutes; see
+# README, "Reliability".
+soak: venv pgbouncer
 	$(BIN)/python -m tests.faults.soak
+	$(BIN)/python -m tests.faults.soak --pgbouncer
 	$(BIN)/python -m tests.faults.cancellation --iterations 1000
 
 # Per-test cost of each test isolation strategy, side by side (1-3 minutes, PostgreSQL

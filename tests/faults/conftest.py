@@ -1,4 +1,5 @@
-"""Fixtures for the fault tests: a private PostgreSQL cluster and a TCP fault proxy."""
+"""Fixtures for the fault tests: a private PostgreSQL cluster, a TCP fault proxy, and a
+private PgBouncer in transaction mode in front of the cluster."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.faults.pgbouncer import PgBouncer
 from tests.faults.proxy import FaultProxy
+from tests.faults.scenarios import PGBOUNCER_POOL_SIZE
 from tests.faults.server import FaultServer
 
 
@@ -29,3 +32,40 @@ def proxy_fixture(fault_server: FaultServer) -> Iterator[FaultProxy]:
         fault_server.start()
     with FaultProxy(upstream_port=fault_server.port) as proxy:
         yield proxy
+
+
+@pytest.fixture(name="pgbouncer", scope="session")
+def pgbouncer_fixture(fault_server: FaultServer) -> Iterator[PgBouncer]:
+    """A PgBouncer of this test session's own in front of `fault_server` (5 server connections)."""
+    with PgBouncer(fault_server.port, pool_size=PGBOUNCER_POOL_SIZE) as pgbouncer:
+        yield pgbouncer
+
+
+@pytest.fixture(name="pooler_proxy")
+def pooler_proxy_fixture(fault_server: FaultServer, pgbouncer: PgBouncer) -> Iterator[FaultProxy]:
+    """A fault proxy in front of `pgbouncer`, so faults can hit the service's side of it."""
+    # A test that stopped, crashed or paused either of them must not break the next.
+    if not fault_server.is_running():
+        fault_server.start()
+    if not pgbouncer.is_running():
+        pgbouncer.start()
+    with FaultProxy(upstream_port=pgbouncer.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture(autouse=True)
+def _pgbouncer_left_clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the session's PgBouncer: resumed, no server connection kept.
+
+    Other tests on the same cluster count the `app` role's backends, and PgBouncer's
+    idle server connections are such backends. Autouse fixtures are set up first,
+    so this runs after the test's own fixtures (its service, its engine) are closed.
+    """
+    if "pgbouncer" not in request.fixturenames:
+        yield
+        return
+    pgbouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+    yield
+    if pgbouncer.is_running():
+        pgbouncer.resume_if_paused()
+        pgbouncer.close_server_connections()
