@@ -50,11 +50,13 @@ lint: venv
 	$(BIN)/mypy app tests migrations benchmarks
 
 # Two xdist workers, each on its own database (and, for tests/faults, its own
-# private PostgreSQL cluster): pytest takes about 80 s on two cores, most of it
-# the fault tests (417 tests; `.ci/run` on a fresh clone, both SQLAlchemy series,
-# 3 min 21 s).
+# private PostgreSQL cluster and PgBouncer). The whole suite runs on asyncpg, then
+# the tiers that touch a database (integration, faults) again on psycopg: the
+# driver is chosen by TEST_DRIVER (tests/drivers.py).
+PSYCOPG_TIERS := tests/integration tests/faults
 test: lint pgbouncer
 	$(BIN)/pytest -n 2
+	TEST_DRIVER=psycopg $(BIN)/pytest -n 2 $(PSYCOPG_TIERS)
 
 # The same suite on SQLAlchemy 2.0, in a venv of its own.
 VENV20 := .venv-sqlalchemy-2.0
@@ -66,6 +68,7 @@ $(VENV20)/.installed: requirements.lock requirements-sqlalchemy-2.0.txt
 
 test-sqlalchemy-2.0: $(VENV20)/.installed pgbouncer
 	$(VENV20)/bin/pytest -n 2
+	TEST_DRIVER=psycopg $(VENV20)/bin/pytest -n 2 $(PSYCOPG_TIERS)
 
 # The fault scenarios for about a minute each under 50 writers, on a private
 # PostgreSQL cluster (initdb into a temporary directory), the same through a private

@@ -31,6 +31,7 @@ from typing import Literal
 
 from sqlalchemy.engine import URL
 
+from tests.drivers import DRIVERNAME
 from tests.faults.server import APP_ROLE, CANARY_PASSWORD, DATABASE, _bindir, free_port
 
 ADMIN_USER = "faults_admin"
@@ -305,7 +306,7 @@ class PgBouncer:
         self,
         port: int | None = None,
         *,
-        drivername: str = "postgresql+asyncpg",
+        drivername: str = DRIVERNAME,
         password: str = CANARY_PASSWORD,
     ) -> URL:
         """The `app` role's URL through this PgBouncer, or through a proxy on `port`."""

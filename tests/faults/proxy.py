@@ -19,11 +19,15 @@ from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
-# asyncpg ends a transaction with the simple-protocol query "COMMIT;": message type
-# 'Q', int32 length (4 + 8 bytes of text and NUL), the text.
-COMMIT_MESSAGE = b"Q\x00\x00\x00\x0cCOMMIT;\x00"
+# The drivers end a transaction with a simple-protocol query: message type 'Q', int32
+# length (4 + text + NUL), the text: "COMMIT;" from asyncpg, "COMMIT" from psycopg.
+COMMIT_MESSAGES = (b"Q\x00\x00\x00\x0cCOMMIT;\x00", b"Q\x00\x00\x00\x0bCOMMIT\x00")
 CHUNK = 65536
 CommitFault = Literal["drop", "ack_lost"]
+
+
+def _has_commit(data: bytes) -> bool:
+    return any(message in data for message in COMMIT_MESSAGES)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -197,7 +201,7 @@ class FaultProxy:
                     self.commits.acks_lost += 1
                     pair.reset()  # the server committed; its answer never arrives
                     return
-                if to_server and COMMIT_MESSAGE in data and self._commit_fault(pair):
+                if to_server and _has_commit(data) and self._commit_fault(pair):
                     return
                 target.write(data)
                 await target.drain()

@@ -37,7 +37,7 @@ from app.database import (
     DatabaseSessionManager,
 )
 from app.database.drivers import CONNECT_TIMEOUT_SECONDS
-from tests.drivers import application_name
+from tests.drivers import DRIVER, application_name
 from tests.faults.canary import assert_no_canary, canary_forms, canary_hits, exception_channels
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import APP_ROLE, CANARY_PASSWORD, DATABASE, FaultServer, free_port
@@ -45,7 +45,7 @@ from tests.faults.service import running_service
 from tests.postgres import count_backends
 
 # Everything that logs on these paths, at DEBUG: the matrix's list of sinks.
-LOGGERS = ("sqlalchemy.engine", "sqlalchemy.pool", "asyncpg", "uvicorn", "app.database")
+LOGGERS = ("sqlalchemy.engine", "sqlalchemy.pool", "asyncpg", "psycopg", "uvicorn", "app.database")
 # Contains the canary, so a leak of the wrong password is a canary hit too.
 WRONG_PASSWORD = "wrong-" + CANARY_PASSWORD
 OTHER_ROLE = "misuse_other"
@@ -434,8 +434,21 @@ async def test_bad_pool_size_is_refused_naming_the_fix_without_the_password(
 # --- M-07, S-02, S-05: connection-time failures -----------------------------------------
 
 # SQLAlchemy 2.1 wraps asyncpg's authentication error in a DBAPIError; 2.0 lets it
-# through unwrapped. Network errors (OSError) arrive unwrapped under both.
+# through unwrapped. asyncpg's network errors (OSError) arrive unwrapped under both;
+# psycopg's, all OperationalError, are always wrapped.
 AUTHENTICATION_FAILED = (exc.DBAPIError, asyncpg.InvalidPasswordError)
+ASYNCPG = DRIVER == "asyncpg"
+REFUSED = ConnectionRefusedError if ASYNCPG else exc.OperationalError
+RESET = ConnectionResetError if ASYNCPG else exc.OperationalError
+UNRESOLVED = socket.gaierror if ASYNCPG else exc.OperationalError
+HUNG = TimeoutError if ASYNCPG else exc.OperationalError
+NETWORK_FAILURE = OSError if ASYNCPG else exc.OperationalError
+# The driver's own words for a refused connection, kept in the traceback.
+REFUSED_MESSAGE = (
+    "Connect call failed ('{host}', {port})"
+    if ASYNCPG
+    else 'connection to server at "{host}", port {port} failed: Connection refused'
+)
 
 
 @dataclass(frozen=True)
@@ -460,12 +473,12 @@ def _through_proxy(server: FaultServer, proxy: FaultProxy) -> URL:
 CONNECT_FAILURES = {
     "refused-port": ConnectFailure(
         lambda server, _: server.app_url(port=free_port()),
-        ConnectionRefusedError,
-        "Connect call failed ('{host}', {port})",
+        REFUSED,
+        REFUSED_MESSAGE,
     ),
     "proxy-refuses": ConnectFailure(
         _through_proxy,
-        ConnectionResetError,
+        RESET,
         # Racy: "Connect call failed ('host', port)" when the reset beats the TCP
         # handshake (5 times in 6 here), else "Connection reset by peer".
         None,
@@ -473,14 +486,14 @@ CONNECT_FAILURES = {
     ),
     "unknown-host": ConnectFailure(
         lambda server, _: server.app_url().set(host="nonexistent.invalid"),
-        socket.gaierror,
+        UNRESOLVED,
         None,  # the resolver's words: "Name or service not known", or a DNS failure
     ),
-    # asyncpg's connect timeout has no message: the package's names the server, and
+    # The drivers' connect timeouts name no server: the package's message does, and
     # is pinned here rather than in a test of its own, which would wait 5 s again.
     "host-hangs": ConnectFailure(
         _through_proxy,
-        TimeoutError,
+        HUNG,
         None,
         FaultProxy.accept_then_stall,
         own_message="the database at {host}:{port} did not answer within",
@@ -548,7 +561,7 @@ async def test_network_failure_message_names_the_server(
     manager.init(url=_url_string(url))
     # "host:port" as the package writes it: asyncpg's own "('host', port)" is not enough.
     try:
-        with pytest.raises(OSError, match=re.escape(f"{url.host}:{url.port}")):
+        with pytest.raises(NETWORK_FAILURE, match=re.escape(f"{url.host}:{url.port}")):
             await _open_one_connection(manager)
     finally:
         await manager.close()
@@ -562,13 +575,13 @@ async def test_network_failure_message_names_the_server(
     [
         pytest.param(
             lambda server: server.app_url(port=free_port()),
-            ("ConnectionRefusedError",),
+            ("ConnectionRefusedError",) if ASYNCPG else ("OperationalError",),
             id="refused-port",
         ),
         pytest.param(
             lambda server: server.app_url(password=WRONG_PASSWORD),
             # The traceback's driver error, or the wrapper's name on a one-line report.
-            ("InvalidPasswordError", "DBAPIError"),
+            ("InvalidPasswordError", "DBAPIError", "OperationalError"),
             id="wrong-password",
         ),
     ],

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.pool import QueuePool
 
@@ -23,14 +24,14 @@ from app.database._config import (
 )
 from app.database.drivers import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS
 from app.main import create_app
-from tests.drivers import application_name
+from tests.drivers import MIN_CONNECT_TIMEOUT, application_name, command_timeout_of, timeouts
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import FaultServer
 from tests.integration.live_server import serve
 
 # Small enough for the fast tier; the bound scales with the defaults the same way.
 POOL_TIMEOUT = 1.0
-CONNECT_TIMEOUT = 1.0
+CONNECT_TIMEOUT = max(1.0, MIN_CONNECT_TIMEOUT)
 COMMAND_TIMEOUT = 1.0
 PING_TIMEOUT = 1.0
 POOL_SIZE = 5
@@ -67,7 +68,7 @@ async def manager_fixture(
         pool_size=POOL_SIZE,
         max_overflow=0,
         pool_timeout=POOL_TIMEOUT,
-        connect_args={"timeout": CONNECT_TIMEOUT, "command_timeout": COMMAND_TIMEOUT},
+        connect_args=timeouts(connect=CONNECT_TIMEOUT, command=COMMAND_TIMEOUT),
     )
     yield manager
     proxy.restore()
@@ -105,11 +106,9 @@ async def test_the_default_timeouts_apply_alongside_the_callers_connect_args(
     )
     try:
         async with manager.engine.connect() as connection:
+            name = await connection.scalar(text("SELECT current_setting('application_name')"))
             raw = await connection.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
-            name = await driver.fetchval("SELECT current_setting('application_name')")
-            command_timeout = driver._config.command_timeout  # asyncpg keeps it here
+            command_timeout = command_timeout_of(raw.driver_connection)
         pool = manager.engine.pool
         assert isinstance(pool, QueuePool)
         pool_timeout = pool.timeout()
@@ -149,7 +148,7 @@ async def test_every_request_is_answered_while_the_network_is_stalled(
 async def test_a_server_that_accepts_but_never_answers_fails_within_the_connect_timeout(
     client: httpx.AsyncClient, proxy: FaultProxy
 ) -> None:
-    """A hung server (TCP accepted, no reply) costs one connect timeout, not asyncpg's 60 s."""
+    """A hung server (TCP accepted, no reply) costs one connect timeout, not the driver's own."""
     proxy.accept_then_stall()
     seconds, status = await _timed_write(client)  # the pool is empty: it must connect
     assert status == 503

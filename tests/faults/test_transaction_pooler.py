@@ -18,7 +18,6 @@ import pytest
 from sqlalchemy import text
 
 from app.database import DatabaseSessionManager, TransactionPoolerError
-from tests.drivers import DRIVERNAME
 from tests.faults.pgbouncer import PgBouncer
 from tests.faults.server import APP_ROLE, FaultServer
 
@@ -68,7 +67,7 @@ async def _units(manager: DatabaseSessionManager, workers: int, units: int) -> l
 
 
 def _pooler_url(pgbouncer: PgBouncer) -> str:
-    return pgbouncer.app_url(drivername=DRIVERNAME).render_as_string(hide_password=False)
+    return pgbouncer.app_url().render_as_string(hide_password=False)
 
 
 async def test_without_pooler_mode_the_first_clash_names_the_option(

@@ -170,16 +170,29 @@ class PsycopgDriver(Driver):
     def locate_connect_error(
         self, error: BaseException, where: str, timeout: object
     ) -> Exception | None:
-        if not isinstance(error, psycopg.OperationalError) or where in str(error):
+        # libpq names the server in its own words, or (DNS, timeout) not at all:
+        # worded as for asyncpg, so that one message names every driver's failure.
+        if not isinstance(error, psycopg.OperationalError) or error.sqlstate is not None:
             return None
-        message = str(error)
-        if "timeout expired" in message:
+        if isinstance(error, errors.ConnectionTimeout):
             return type(error)(
                 f"the database at {where} did not answer within {timeout} s "
                 "(connect_args['connect_timeout']): check the network path to it and "
                 "the server's load"
             )
-        return None  # libpq names host and port itself ("connection to server at ...")
+        message = str(error)
+        if message.startswith("failed to resolve host"):
+            reason = message.rpartition("] ")[2] or message
+            return type(error)(
+                f"could not resolve the database host in {where} ({reason}): check the URL's host"
+            )
+        reason = message.rpartition(" failed: ")[2].partition("\n")[0].strip()
+        if not reason or reason.startswith("FATAL"):
+            return None  # the server answered (authentication, no such database): said enough
+        return type(error)(
+            f"could not connect to the database at {where} ({reason}): check that the "
+            "server is running and the URL's host and port"
+        )
 
     def classify(self, error: BaseException) -> DatabaseErrorKind | None:
         if isinstance(error, CommandTimeoutError):
