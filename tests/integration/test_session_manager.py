@@ -18,6 +18,7 @@ from app.database import (
     TransactionAbortedError,
 )
 from app.models import Item
+from tests.drivers import DRIVER
 from tests.postgres import checked_out, idle_in_transaction
 
 
@@ -110,6 +111,29 @@ async def test_failed_statement_fails_the_unit_of_work(
         assert await _names(observer) == ["next-unit"]
     finally:
         await manager.close()
+
+
+# A statement the driver refuses before sending anything: asyncpg cannot encode 'abc'
+# as the integer its prepared statement asks for; psycopg cannot send a NUL byte.
+CLIENT_SIDE_FAILURE = (
+    (text("SELECT CAST(:value AS integer)"), {"value": "abc"})
+    if DRIVER == "asyncpg"
+    else (text("SELECT CAST(:value AS text)"), {"value": "a\x00b"})
+)
+
+
+async def test_an_error_the_driver_raised_before_sending_leaves_the_transaction_usable(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """Only an error the server sent aborts the transaction: the commit guard lets this commit."""
+    async with committed_db.session() as db:
+        db.add(Item(name="before-client-error"))
+        await db.flush()
+        with pytest.raises(DBAPIError):
+            await db.execute(*CLIENT_SIDE_FAILURE)
+        db.add(Item(name="after-client-error"))
+
+    assert await _names(observer) == ["before-client-error", "after-client-error"]
 
 
 async def test_statement_parameters_stay_out_of_errors(
