@@ -18,7 +18,7 @@ from app.database import (
     TransactionAbortedError,
 )
 from app.models import Item
-from tests.drivers import DRIVER
+from tests.drivers import DRIVER, command_timeout_of
 from tests.postgres import checked_out, idle_in_transaction
 
 
@@ -187,3 +187,23 @@ async def test_error_healed_by_a_savepoint_still_commits(
                 await db.execute(text("SELECT 1/0"))
 
     assert await _names(observer) == ["kept"]
+
+
+# The timeouts the README says the URL's query may carry, per driver.
+URL_TIMEOUTS = (
+    {"timeout": "9", "command_timeout": "7"} if DRIVER == "asyncpg" else {"connect_timeout": "9"}
+)
+
+
+async def test_timeouts_in_the_url_query_connect(database_url: URL) -> None:
+    """?timeout=9 arrives as a string; the connection still opens and runs with it."""
+    manager = DatabaseSessionManager()
+    manager.init(url=database_url.update_query_dict(URL_TIMEOUTS))
+    try:
+        async with manager.session() as db:
+            assert await db.scalar(text("SELECT 1")) == 1
+            raw = await (await db.connection()).get_raw_connection()
+            if DRIVER == "asyncpg":
+                assert command_timeout_of(raw.driver_connection) == 7.0
+    finally:
+        await manager.close()

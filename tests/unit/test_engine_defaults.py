@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import make_url
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
+from app.database import DatabaseConfigError
 from app.database._config import (
     POOL_TIMEOUT_SECONDS,
     engine_options,
@@ -42,11 +43,20 @@ def test_the_callers_connect_args_are_kept_and_win() -> None:
     }
 
 
-def test_a_timeout_in_the_url_query_is_not_overridden() -> None:
-    """SQLAlchemy lets connect_args replace the URL's query values: the defaults stay out."""
+def test_a_timeout_in_the_url_query_is_used_as_a_number() -> None:
+    """The URL's query values win over the defaults, turned into the numbers asyncpg needs."""
     url = make_url("postgresql+asyncpg://app@db.example/app?command_timeout=60&timeout=9")
 
-    assert engine_options({}, url)["connect_args"] == {}
+    assert engine_options({}, url)["connect_args"] == {"timeout": 9.0, "command_timeout": 60.0}
+
+
+def test_a_timeout_in_the_url_query_that_is_no_number_is_refused() -> None:
+    """?timeout=soon would fail every connect later: refused at init(), naming the form."""
+    url = make_url("postgresql+asyncpg://app:secret@db.example/app?timeout=soon")
+
+    with pytest.raises(DatabaseConfigError, match=r"\?timeout=10") as caught:
+        engine_options({}, url)
+    assert "secret" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,16 @@ _POOLER_CONNECT_ARGS: dict[str, Any] = {
 }
 
 
+def _seconds(key: str, value: str | tuple[str, ...]) -> float:
+    try:
+        return float(value if isinstance(value, str) else value[-1])
+    except ValueError:
+        raise DatabaseConfigError(
+            f"?{key}= in the database URL must be a number of seconds, got {value!r}: "
+            f"write e.g. ?{key}=10, or pass connect_args={{'{key}': 10}} to init()"
+        ) from None
+
+
 class AsyncpgDriver(Driver):
     """asyncpg, the default driver."""
 
@@ -50,13 +60,15 @@ class AsyncpgDriver(Driver):
     def add_connect_defaults(
         self, connect_args: dict[str, Any], url: URL, *, transaction_pooler: bool
     ) -> None:
-        # Not over a value the URL's query sets, which connect_args would replace.
         for key, seconds in (
             ("timeout", CONNECT_TIMEOUT_SECONDS),
             ("command_timeout", COMMAND_TIMEOUT_SECONDS),
         ):
-            if key not in url.query:
-                connect_args.setdefault(key, seconds)
+            # A value in the URL's query reaches asyncpg as a string, which fails every
+            # connect ("float + str"): passed on as a number (connect_args win over the
+            # query), or refused here.
+            in_url = url.query.get(key)
+            connect_args.setdefault(key, seconds if in_url is None else _seconds(key, in_url))
         if transaction_pooler:
             for key, value in _POOLER_CONNECT_ARGS.items():
                 given = connect_args.get(key, url.query.get(key, value))
