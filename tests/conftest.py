@@ -10,7 +10,7 @@ from sqlalchemy.engine import make_url
 from tests.drivers import DRIVERNAME
 
 # pytester runs inner pytest sessions for the plugin's own tests.
-pytest_plugins = ["app.database.pytest_plugin", "pytester"]
+pytest_plugins = ["app.database.testing.pytest_plugin", "pytester"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -56,7 +56,7 @@ from sqlalchemy import insert
 from app.database import Base
 from probe_notes import Note
 
-pytest_plugins = ["app.database.pytest_plugin"]
+pytest_plugins = ["app.database.testing.pytest_plugin"]
 
 
 @pytest.fixture(scope="session", name="database_migrate")
@@ -140,7 +140,7 @@ def _project(
     *,
     asyncio_mode: str | None = "auto",
     test_loop_scope: str = "session",
-    conftest: str = 'pytest_plugins = ["app.database.pytest_plugin"]',
+    conftest: str = 'pytest_plugins = ["app.database.testing.pytest_plugin"]',
 ) -> None:
     """An inner project using the plugin on `server`: ini, conftest and the notes model."""
     # The inner runs import this repository's package, and name their server by ini.

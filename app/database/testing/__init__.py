@@ -9,9 +9,9 @@ FastAPI; `pytest_plugin.py` wraps it in fixtures.
 
 from __future__ import annotations
 
+from ._databases import DatabaseSetupError, create_test_database, drop_test_database
 from ._isolation import IsolationError, isolated, joined_session, share_session_with_app
 from ._query_count import QueryCount, count_queries
-from ._test_databases import DatabaseSetupError, create_test_database, drop_test_database
 
 __all__ = [
     "DatabaseSetupError",

@@ -10,8 +10,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from ._drain import NOT_DRAINED
-from ._manager import DatabaseSessionManager, joined_sessionmaker
+from .._drain import NOT_DRAINED
+from .._manager import DatabaseSessionManager, joined_sessionmaker
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -80,7 +80,7 @@ def share_session_with_app(app: FastAPI, session: AsyncSession) -> None:
     (releases the savepoint) when the route returns and rolls back when it raises;
     a failed request therefore also rolls back the test's own uncommitted work.
     """
-    from ._fastapi import get_db  # here, so that this module imports without FastAPI
+    from .._fastapi import get_db  # here, so that this module imports without FastAPI
 
     async def test_session() -> AsyncIterator[AsyncSession]:
         try:

@@ -2,7 +2,7 @@
 
 Enable it with one line in your root `conftest.py`:
 
-    pytest_plugins = ["app.database.pytest_plugin"]
+    pytest_plugins = ["app.database.testing.pytest_plugin"]
 
 The run gets its own database, `<name>_<pid>_<random>` (one per xdist worker), named
 by `TEST_DATABASE_URL` or the `test_database_url` ini option, migrated once and
@@ -25,9 +25,9 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.pool import QueuePool
 
-from ._base import Base
-from ._manager import DatabaseSessionManager, session_manager
-from .testing import (
+from .._base import Base
+from .._manager import DatabaseSessionManager, session_manager
+from . import (
     DatabaseSetupError,
     QueryCount,
     count_queries,
@@ -57,11 +57,11 @@ def pytest_configure(config: pytest.Config) -> None:
         test_loop_scope = config.getini("asyncio_default_test_loop_scope")
     except ValueError:
         raise pytest.UsageError(
-            "app.database.pytest_plugin needs pytest-asyncio >= 1.0: install it"
+            "app.database.testing.pytest_plugin needs pytest-asyncio >= 1.0: install it"
         ) from None
     if test_loop_scope != "session":
         raise pytest.UsageError(
-            "app.database.pytest_plugin shares one engine across the run: set "
+            "app.database.testing.pytest_plugin shares one engine across the run: set "
             'asyncio_default_test_loop_scope = "session" in your pytest configuration'
         )
 
