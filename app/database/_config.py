@@ -117,6 +117,9 @@ def engine_options(
     poolclass = options.get("poolclass") or dialect_class.get_pool_class(url)
     if isinstance(poolclass, type) and issubclass(poolclass, QueuePool):
         options.setdefault("pool_timeout", POOL_TIMEOUT_SECONDS)
+        # The connection used last goes out first, for every pool shape: the liveness
+        # check's "used moments ago" holds under load, and spare connections stay idle.
+        options.setdefault("pool_use_lifo", True)
     driver = driver_for(url.get_dialect().driver)
     if driver is not None:
         # Merged key by key, so that connect_args={"server_settings": ...} keeps them.

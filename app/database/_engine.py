@@ -44,11 +44,9 @@ def build_engine(
         # Keep every connection the pool may open: a QueuePool closes an overflow
         # connection as it comes back and opens a new one for the next request, 51-57
         # new PostgreSQL connections per 1000 requests at concurrency 32
-        # (benchmarks/request_path). LIFO hands out the connection used last, so the
-        # liveness check's "used moments ago" holds and the spare ones stay idle.
-        # No connection exists yet, so the first engine is simply dropped.
+        # (benchmarks/request_path). No connection exists yet, so the first engine is
+        # simply dropped.
         options.update(pool_size=capacity, max_overflow=0)
-        options.setdefault("pool_use_lifo", True)
         engine = create_async_engine(parsed, **options)
     sync_engine = engine.sync_engine
     if driver is not None:

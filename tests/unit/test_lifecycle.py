@@ -100,12 +100,13 @@ async def test_engine_options_override_the_defaults(manager: DatabaseSessionMana
 async def test_pool_keeps_every_connection_it_may_open(
     manager: DatabaseSessionManager, sizes: dict[str, Any], kept: int
 ) -> None:
-    """pool_size + max_overflow connections are all kept: none is closed on its return."""
+    """pool_size + max_overflow connections are all kept, the one used last handed out first."""
     manager.init(url=URL, **sizes)
     try:
         pool = manager.engine.pool
         assert isinstance(pool, QueuePool)
         assert (pool.size(), pool.overflow()) == (kept, -kept)
+        assert pool._pool.use_lifo is True  # no public accessor
     finally:
         await manager.close()
 
