@@ -86,10 +86,12 @@ soak: venv pgbouncer
 bench-isolation: venv
 	$(BIN)/python -m benchmarks.isolation
 
-# The request path of one app shape on five session layers (raw asyncpg, the seed
-# pattern, ours, advanced-alchemy, fastapi-async-sqlalchemy), side by side: a few
-# minutes on two cores; see benchmarks/README.md. The peers are benchmark-only, so
-# they get a venv of their own, pinned in requirements-bench.txt.
+# The request path of one app shape on five session layers (raw driver pools, the
+# seed pattern, ours, advanced-alchemy, fastapi-async-sqlalchemy), each on asyncpg and
+# psycopg, direct and through a private PgBouncer in transaction mode, side by side:
+# about 6-10 minutes on two cores; see benchmarks/README.md. The peers and
+# psycopg-pool are benchmark-only, so they get a venv of their own, pinned in
+# requirements-bench.txt.
 VENVBENCH := .venv-bench
 $(VENVBENCH)/.installed: requirements.lock requirements-bench.txt
 	$(PYTHON) -m venv $(VENVBENCH)
@@ -99,7 +101,7 @@ $(VENVBENCH)/.installed: requirements.lock requirements-bench.txt
 
 bench-venv: $(VENVBENCH)/.installed
 
-bench: bench-venv
+bench: bench-venv pgbouncer
 	$(VENVBENCH)/bin/python -m benchmarks.request_path
 
 # Re-pin every dependency to the newest allowed versions (needs the registry).

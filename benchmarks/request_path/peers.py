@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from .apps import add_session_routes, disposing
+from .apps import add_session_routes, disposing, pooler_connect_args, pooler_engine_options
 from .shape import (
     INSERT_ROW_TEXT,
     MAX_OVERFLOW,
@@ -38,7 +38,7 @@ def missing(module: str, distribution: str) -> str | None:
     return None
 
 
-def advanced_alchemy_app(url: URL) -> FastAPI:
+def advanced_alchemy_app(url: URL, pooled: bool) -> FastAPI:
     """(d) advanced-alchemy's FastAPI extension, committing after a 2xx response."""
     # unused-ignore: the ignore is needed only where the peer is not installed.
     from advanced_alchemy.extensions.fastapi import (  # type: ignore[import-not-found, unused-ignore]
@@ -50,7 +50,12 @@ def advanced_alchemy_app(url: URL) -> FastAPI:
 
     config = SQLAlchemyAsyncConfig(
         connection_string=url.render_as_string(hide_password=False),
-        engine_config=EngineConfig(pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW),
+        engine_config=EngineConfig(
+            pool_size=POOL_SIZE,
+            max_overflow=MAX_OVERFLOW,
+            # Behind a pooler, the driver's settings its users need (apps.py).
+            **({"connect_args": pooler_connect_args(url)} if pooled else {}),
+        ),
         session_config=AsyncSessionConfig(expire_on_commit=False),
         commit_mode="autocommit",
     )
@@ -60,7 +65,7 @@ def advanced_alchemy_app(url: URL) -> FastAPI:
     return add_session_routes(app, Depends(alchemy.provide_session()))
 
 
-def fastapi_async_sqlalchemy_app(url: URL) -> FastAPI:
+def fastapi_async_sqlalchemy_app(url: URL, pooled: bool) -> FastAPI:
     """(e) fastapi-async-sqlalchemy's middleware and its `db.session`, commit_on_exit."""
     from fastapi_async_sqlalchemy import (  # type: ignore[import-not-found, unused-ignore]
         create_middleware_and_session_proxy,
@@ -71,7 +76,12 @@ def fastapi_async_sqlalchemy_app(url: URL) -> FastAPI:
     middleware, db = create_middleware_and_session_proxy()
     # custom_engine instead of db_url + engine_args: the same engine, but one the
     # lifespan can dispose of.
-    engine = create_async_engine(url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    engine = create_async_engine(
+        url,
+        pool_size=POOL_SIZE,
+        max_overflow=MAX_OVERFLOW,
+        **pooler_engine_options(url, pooled),
+    )
 
     app = FastAPI(lifespan=disposing(engine))
     app.add_middleware(middleware, custom_engine=engine, commit_on_exit=True)

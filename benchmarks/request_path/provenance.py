@@ -13,12 +13,14 @@ import subprocess
 from collections.abc import Sequence
 from importlib import metadata
 
+from . import pgbouncer
 from .load import GET_SHARE
 from .timing import CONCURRENCIES, batch_size
+from .variants import Configuration
 
 DISTRIBUTIONS = (
-    *("fastapi", "starlette", "pydantic", "sqlalchemy", "asyncpg", "uvicorn", "httpx"),
-    *("advanced-alchemy", "fastapi-async-sqlalchemy"),
+    *("fastapi", "starlette", "pydantic", "sqlalchemy", "asyncpg", "psycopg", "psycopg-binary"),
+    *("psycopg-pool", "uvicorn", "httpx", "advanced-alchemy", "fastapi-async-sqlalchemy"),
 )
 
 
@@ -47,17 +49,28 @@ def _version(distribution: str) -> str:
         return f"{distribution} (not installed)"
 
 
-def header(argv: Sequence[str], options: argparse.Namespace, skipped: list[str]) -> list[str]:
+def header(
+    argv: Sequence[str],
+    options: argparse.Namespace,
+    configurations: Sequence[Configuration],
+    skipped: list[str],
+) -> list[str]:
     low = batch_size(options.requests, 1)
+    versions = [f"Python {platform.python_version()}"]
+    versions += [_version(name) for name in DISTRIBUTIONS]
+    if any(conf.pooled for conf in configurations):
+        versions.append(pgbouncer.version())
     lines = [
         f"command: {shlex.join(['python', '-m', 'benchmarks.request_path', *argv])}",
         f"seed: {options.seed} (pass --seed {options.seed} to repeat this order and load)",
-        f"versions: Python {platform.python_version()}, "
-        + ", ".join(_version(name) for name in DISTRIBUTIONS),
+        f"versions: {', '.join(versions)}",
         f"app.database at: {package_revision()}",
+        f"configurations: {len(configurations)} (drivers {','.join(options.drivers)}; "
+        f"deployments {','.join(options.deployments)})",
         f"load: {GET_SHARE:.0%} GET /rows/{{id}} and {1 - GET_SHARE:.0%} POST /rows, mixed; "
-        f"{options.rounds} rounds, each one batch per variant and concurrency "
-        f"({options.requests} requests at c={max(CONCURRENCIES)}, {low} at c=1), "
-        "in a shuffled order; apps called in-process through ASGI",
+        f"{options.rounds} rounds, each opening every configuration in a shuffled order for "
+        f"a warm-up of {options.warm_up} requests, then one batch per concurrency "
+        f"({options.requests} requests at c={max(CONCURRENCIES)}, {low} at c=1); "
+        "apps called in-process through ASGI",
     ]
     return lines + [f"skipped {note}" for note in skipped]

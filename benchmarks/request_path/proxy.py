@@ -1,10 +1,13 @@
 """A TCP proxy in front of PostgreSQL that counts the round trips its clients make.
 
-A round trip is one client message that the server answers with ReadyForQuery
-and that the client waits for before it goes on: a Sync ('S'), which closes each
-extended-protocol exchange (a prepare, or a bind and execute), or a simple Query
-('Q': BEGIN, COMMIT, ROLLBACK, the ping `;`, asyncpg's reset). Every byte is
-forwarded unchanged; only the client's messages are parsed, to count and name them.
+A round trip is one client message that makes the server answer what came before
+it and that the client waits for before it goes on: a Sync ('S'), which closes each
+extended-protocol exchange (a bind and execute, or libpq's parse, bind and
+execute) and is answered with ReadyForQuery; a Flush ('H') after extended-protocol
+messages, which is how asyncpg prepares a statement (Parse, Describe, Flush: it
+waits for the description before it binds); or a simple Query ('Q': BEGIN,
+COMMIT, ROLLBACK, the ping `;`, asyncpg's reset). Every byte is forwarded
+unchanged; only the client's messages are parsed, to count and name them.
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ class _MessageReader:
         self._count = count
         self._buffer = bytearray()
         self._statements: dict[bytes, str] = {}  # prepared statement name -> its verb
-        self._pending = ""  # what the next Sync completes, for the trace
+        self._pending = ""  # what the next Sync or Flush completes, for the trace
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -162,8 +165,16 @@ class _MessageReader:
         elif kind == "B":  # Bind: portal name, statement name, ...
             _, name, _ = payload.split(b"\0", 2)
             self._pending = self._statements.get(name, "execute")
+        elif kind == "C" and not self._pending:  # Close of a prepared statement or portal
+            self._pending = "close"
         elif kind == "S":
             self._count(self._pending or "sync")
+            self._pending = ""
+        elif kind == "H" and self._pending:
+            # Flush: the server sends what the messages since the last round trip
+            # produced (ParseComplete, the statement's description), and asyncpg
+            # waits for it. A Flush with nothing before it asks for nothing.
+            self._count(self._pending)
             self._pending = ""
         elif kind == "Q":
             self._count(_shortened(payload.rstrip(b"\0")))

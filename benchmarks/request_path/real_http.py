@@ -1,7 +1,8 @@
-"""The optional `--http` pass: each variant under uvicorn in a process of its own.
+"""The optional `--http` pass: each configuration under uvicorn in a process of its own.
 
 The load generator (httpx) runs in this process, so on two cores client and server
-each get about one; the server's CPU time per request comes from /proc.
+each get about one; the server's CPU time per request comes from /proc. As in the
+in-process pass, a configuration's server runs only for its turn in a round.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import httpx
 from sqlalchemy.engine import URL
 
 from .asgi import Call, Send
 from .server import URL_VARIABLE
-from .timing import CONCURRENCIES
-from .variants import Variant
+from .timing import CONCURRENCIES, Endpoint, Opener
+from .variants import Configuration
 
 START_TIMEOUT = 30.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -34,16 +35,17 @@ class UvicornServer:
         self.port = port
 
     @classmethod
-    async def start(cls, variant: Variant, url: URL) -> UvicornServer:
+    async def start(cls, conf: Configuration, url: URL) -> UvicornServer:
         port = _free_port()
         env = {**os.environ, URL_VARIABLE: url.render_as_string(hide_password=False)}
         process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "benchmarks.request_path.server", variant.name, str(port)),
+            *(sys.executable, "-m", "benchmarks.request_path.server"),
+            *(conf.variant.name, conf.driver, conf.deployment, str(port)),
             env=env,
         )
         server = cls(process, port)
         try:
-            await server._wait_until_serving(variant.name)
+            await server._wait_until_serving(conf.label)
         except BaseException:
             await server.stop()
             raise
@@ -80,26 +82,22 @@ class UvicornServer:
                 await self.process.wait()
 
 
-@asynccontextmanager
-async def over_http(
-    variants: Sequence[Variant], url: URL
-) -> AsyncIterator[tuple[dict[str, Send], dict[str, UvicornServer]]]:
-    """A server per variant and an HTTP client for each; all stopped on the way out."""
-    async with AsyncExitStack() as stack:
-        servers: dict[str, UvicornServer] = {}
-        senders: dict[str, Send] = {}
-        for variant in variants:
-            server = await UvicornServer.start(variant, url)
-            stack.push_async_callback(server.stop)
-            servers[variant.name] = server
-            # Idle between this variant's batches, a kept-alive connection outlives
-            # uvicorn's 5 s keep-alive and is reset under the next request: expire it first.
-            limits = httpx.Limits(max_connections=max(CONCURRENCIES), keepalive_expiry=1.0)
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", limits=limits)
-            )
-            senders[variant.name] = _sender(client)
-        yield senders, servers
+def over_http(url_for: Callable[[Configuration], URL]) -> Opener:
+    """Start a configuration's server, with an HTTP client for it; stop both on the way out."""
+
+    @asynccontextmanager
+    async def open_endpoint(conf: Configuration) -> AsyncIterator[Endpoint]:
+        server = await UvicornServer.start(conf, url_for(conf))
+        try:
+            limits = httpx.Limits(max_connections=max(CONCURRENCIES))
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{server.port}", limits=limits
+            ) as client:
+                yield Endpoint(_sender(client), server.cpu_seconds)
+        finally:
+            await server.stop()
+
+    return open_endpoint
 
 
 def _sender(client: httpx.AsyncClient) -> Send:

@@ -1,22 +1,35 @@
-"""Measurements in, Markdown tables out: throughput, its ratio to `raw`, latency, round trips."""
+"""Measurements in, Markdown tables out: throughput, its ratios, latency, round trips.
+
+Rows come in blocks of one deployment, one driver and one concurrency, so the
+variants compared side by side sit together. Ratios between two configurations
+are taken round by round (both were timed in the same round) and summarised as
+the median with the lowest and highest round.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from statistics import median
 
 from .load import Measurement
+from .variants import DEPLOYMENTS, DRIVERS, OURS, POOLED, VARIANTS, Configuration
+
+TARGET_OVER_PEERS = 1.3
+"""Through PgBouncer at the highest concurrency, ours at least this times every peer."""
+TARGET_DRIVER_GAP = 0.15
+"""Ours on psycopg within this share of ours on asyncpg, both direct."""
 
 
 @dataclass
 class Cell:
-    """Every batch of one variant at one concurrency, over all rounds."""
+    """Every batch of one configuration at one concurrency, over all rounds, in order."""
 
-    variant: str
+    configuration: Configuration
     concurrency: int
     batches: list[Measurement] = field(default_factory=list)
-    cpu_seconds: float = 0.0  # server CPU over all batches (real-HTTP pass only)
+    cpu_seconds: float = 0.0  # the app's CPU over all batches: this process, or its server
 
     @property
     def rps(self) -> list[float]:
@@ -52,29 +65,74 @@ SLOW_MS = 200.0
 """A request slower than this counts in the "slow" column: a pool waiter starving."""
 
 
+def _order(cell: Cell) -> tuple[int, int, int, int]:
+    conf = cell.configuration
+    variant = next(i for i, v in enumerate(VARIANTS) if v.name == conf.variant.name)
+    return (
+        DEPLOYMENTS.index(conf.deployment),
+        DRIVERS.index(conf.driver),
+        cell.concurrency,
+        variant,
+    )
+
+
+def ordered(cells: Iterable[Cell]) -> list[Cell]:
+    """Blocks of deployment, driver and concurrency; the variants in VARIANTS' order."""
+    return sorted(cells, key=_order)
+
+
+def _find(
+    cells: list[Cell], variant: str, driver: str, deployment: str, concurrency: int
+) -> Cell | None:
+    for cell in cells:
+        conf = cell.configuration
+        if (conf.variant.name, conf.driver, conf.deployment, cell.concurrency) == (
+            variant,
+            driver,
+            deployment,
+            concurrency,
+        ):
+            return cell
+    return None
+
+
+def _reference(cells: list[Cell], cell: Cell, reference: str) -> Cell | None:
+    conf = cell.configuration
+    return _find(cells, reference, conf.driver, conf.deployment, cell.concurrency)
+
+
+def _ratio_to(cells: list[Cell], cell: Cell, reference: str) -> str:
+    base = _reference(cells, cell, reference)
+    return f"{median(cell.rps) / median(base.rps):.2f}x" if base else "-"
+
+
+def _rps(cell: Cell) -> str:
+    rps = cell.rps
+    return f"{median(rps):.0f} ({min(rps):.0f}-{max(rps):.0f})"
+
+
 def timing_table(
-    cells: list[Cell], reference: str, round_trips: dict[str, RoundTrips] | None
+    cells: list[Cell], reference: str, round_trips: dict[Configuration, RoundTrips] | None
 ) -> str:
-    """One row per variant and concurrency; `round_trips` adds their column."""
-    base = {c.concurrency: median(c.rps) for c in cells if c.variant == reference}
-    header = "| variant | c | requests/s median (min-max) | ratio to raw | p50 ms | p99 ms"
-    header += " | max ms | slow > 200 ms |"
-    rule = "|---|--:|--:|--:|--:|--:|--:|--:|"
+    """One row per configuration and concurrency; `round_trips` adds their columns."""
+    header = "| via | driver | c | variant | requests/s median (min-max) | ratio to raw | p50 ms"
+    header += " | p99 ms | max ms | slow > 200 ms | CPU ms per request |"
+    rule = "|---|---|--:|---|--:|--:|--:|--:|--:|--:|--:|"
     if round_trips is not None:
         header += " round trips GET / POST | new connections per 1000 |"
         rule += "--:|--:|"
     lines = [header, rule]
-    for cell in cells:
-        rps, latencies = cell.rps, cell.latencies_ms
-        ratio = f"{median(rps) / base[cell.concurrency]:.2f}x" if cell.concurrency in base else "-"
+    for cell in ordered(cells):
+        conf, latencies = cell.configuration, cell.latencies_ms
         line = (
-            f"| {cell.variant} | {cell.concurrency} | {median(rps):.0f} ({min(rps):.0f}-"
-            f"{max(rps):.0f}) | {ratio} | {percentile(latencies, 0.5):.1f} "
-            f"| {percentile(latencies, 0.99):.1f} | {max(latencies):.0f} "
-            f"| {sum(ms > SLOW_MS for ms in latencies)} |"
+            f"| {conf.deployment} | {conf.driver} | {cell.concurrency} | {conf.variant.name} "
+            f"| {_rps(cell)} | {_ratio_to(cells, cell, reference)} "
+            f"| {percentile(latencies, 0.5):.1f} | {percentile(latencies, 0.99):.1f} "
+            f"| {max(latencies):.0f} | {sum(ms > SLOW_MS for ms in latencies)} "
+            f"| {cell.cpu_seconds * 1000 / cell.requests:.2f} |"
         )
         if round_trips is not None:
-            counts = round_trips.get(cell.variant)
+            counts = round_trips.get(conf)
             opened = counts.new_connections.get(cell.concurrency) if counts else None
             line += f" {_number(counts.get)} / {_number(counts.post)} |" if counts else " - |"
             line += " - |" if opened is None else f" {opened:.0f} |"
@@ -84,30 +142,146 @@ def timing_table(
 
 def http_table(cells: list[Cell], reference: str) -> str:
     """The real-HTTP pass: throughput, latency and the server's CPU per request."""
-    base = {c.concurrency: median(c.rps) for c in cells if c.variant == reference}
     lines = [
-        "| variant | c | requests/s median (min-max) | ratio to raw | p50 ms | p99 ms"
-        " | server CPU ms per request |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| via | driver | c | variant | requests/s median (min-max) | ratio to raw | p50 ms"
+        " | p99 ms | server CPU ms per request |",
+        "|---|---|--:|---|--:|--:|--:|--:|--:|",
     ]
-    for cell in cells:
-        rps, latencies = cell.rps, cell.latencies_ms
-        ratio = f"{median(rps) / base[cell.concurrency]:.2f}x" if cell.concurrency in base else "-"
+    for cell in ordered(cells):
+        conf, latencies = cell.configuration, cell.latencies_ms
         lines.append(
-            f"| {cell.variant} | {cell.concurrency} | {median(rps):.0f} ({min(rps):.0f}-"
-            f"{max(rps):.0f}) | {ratio} | {percentile(latencies, 0.5):.1f} "
-            f"| {percentile(latencies, 0.99):.1f} "
+            f"| {conf.deployment} | {conf.driver} | {cell.concurrency} | {conf.variant.name} "
+            f"| {_rps(cell)} | {_ratio_to(cells, cell, reference)} "
+            f"| {percentile(latencies, 0.5):.1f} | {percentile(latencies, 0.99):.1f} "
             f"| {cell.cpu_seconds * 1000 / cell.requests:.2f} |"
         )
     return "\n".join(lines)
 
 
-def trace_lines(round_trips: dict[str, RoundTrips], high: int) -> str:
-    """Per variant: the round trips of one GET and one POST, and the average under load."""
+@dataclass(frozen=True)
+class Ratio:
+    """One configuration's throughput over another's, round by round."""
+
+    per_round: list[float]
+
+    @property
+    def median(self) -> float:
+        return median(self.per_round)
+
+    def __str__(self) -> str:
+        values = self.per_round
+        return f"{median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def ratio(numerator: Cell | None, denominator: Cell | None) -> Ratio | None:
+    """`numerator`'s requests/s over `denominator`'s, in each round both ran."""
+    if numerator is None or denominator is None:
+        return None
+    pairs = zip(numerator.rps, denominator.rps, strict=True)
+    return Ratio([a / b for a, b in pairs])
+
+
+def _present(cells: list[Cell], attribute: str, order: tuple[str, ...]) -> list[str]:
+    seen = {getattr(cell.configuration, attribute) for cell in cells}
+    return [name for name in order if name in seen]
+
+
+def ours_vs_others(cells: list[Cell]) -> str:
+    """Ours over every other SQLAlchemy layer, per deployment, driver and concurrency."""
+    names = [v.name for v in VARIANTS if v.name not in (OURS, "raw")]
+    names = [n for n in names if any(c.configuration.variant.name == n for c in cells)]
+    if not names or not any(c.configuration.variant.name == OURS for c in cells):
+        return ""
+    lines = [
+        "| via | driver | c | " + " | ".join(f"ours / {name}" for name in names) + " |",
+        "|---|---|--:|" + "--:|" * len(names),
+    ]
+    for deployment in _present(cells, "deployment", DEPLOYMENTS):
+        for driver in _present(cells, "driver", DRIVERS):
+            for c in sorted({cell.concurrency for cell in cells}):
+                ours = _find(cells, OURS, driver, deployment, c)
+                if ours is None:
+                    continue
+                found = [ratio(ours, _find(cells, n, driver, deployment, c)) for n in names]
+                lines.append(
+                    f"| {deployment} | {driver} | {c} | "
+                    + " | ".join("-" if r is None else str(r) for r in found)
+                    + " |"
+                )
+    return "\n".join(lines)
+
+
+def across(cells: list[Cell]) -> str:
+    """Per variant: psycopg over asyncpg, and through PgBouncer over direct, round by round.
+
+    A gap every variant shares is the driver's or the pooler's; one only ours shows
+    is the package's.
+    """
+    columns: list[tuple[str, tuple[str, str], tuple[str, str]]] = [
+        (f"psycopg / asyncpg, {d}", ("psycopg", d), ("asyncpg", d)) for d in DEPLOYMENTS
+    ]
+    columns.append(
+        (f"psycopg {POOLED} / asyncpg direct", ("psycopg", POOLED), ("asyncpg", "direct"))
+    )
+    columns += [
+        (f"{POOLED} / direct, {driver}", (driver, POOLED), (driver, "direct")) for driver in DRIVERS
+    ]
+    concurrencies = sorted({cell.concurrency for cell in cells})
+    rows: list[tuple[str, int, list[Ratio | None]]] = []
+    for variant in _present(cells, "variant_name", tuple(v.name for v in VARIANTS)):
+        for c in concurrencies:
+            found = [
+                ratio(_find(cells, variant, *top, c), _find(cells, variant, *bottom, c))
+                for _, top, bottom in columns
+            ]
+            rows.append((variant, c, found))
+    kept = [i for i in range(len(columns)) if any(found[i] for _, _, found in rows)]
+    if not kept:
+        return ""
+    lines = [
+        "| variant | c | " + " | ".join(columns[i][0] for i in kept) + " |",
+        "|---|--:|" + "--:|" * len(kept),
+    ]
+    for variant, c, found in rows:
+        cells_text = ["-" if found[i] is None else str(found[i]) for i in kept]
+        lines.append(f"| {variant} | {c} | " + " | ".join(cells_text) + " |")
+    return "\n".join(lines)
+
+
+def targets(cells: list[Cell], peers: list[str], high: int) -> list[str]:
+    """The two targets the benchmark is held to, each met or missed, where measured."""
+    lines = []
+    for driver in _present(cells, "driver", DRIVERS):
+        ours = _find(cells, OURS, driver, POOLED, high)
+        found = {p: ratio(ours, _find(cells, p, driver, POOLED, high)) for p in peers}
+        measured = {p: r for p, r in found.items() if r is not None}
+        if measured:
+            verdict = all(r.median >= TARGET_OVER_PEERS for r in measured.values())
+            lines.append(
+                f"- through PgBouncer on {driver} at c={high}, ours >= "
+                f"{TARGET_OVER_PEERS:g}x every peer: {'met' if verdict else 'MISSED'} ("
+                + ", ".join(f"{p} {r.median:.2f}x" for p, r in measured.items())
+                + ")"
+            )
+    for c in sorted({cell.concurrency for cell in cells}):
+        found_ratio = ratio(
+            _find(cells, OURS, "psycopg", "direct", c), _find(cells, OURS, "asyncpg", "direct", c)
+        )
+        if found_ratio is not None:
+            verdict = found_ratio.median >= 1 - TARGET_DRIVER_GAP
+            lines.append(
+                f"- ours on psycopg within {TARGET_DRIVER_GAP:.0%} of ours on asyncpg, direct, "
+                f"c={c}: {'met' if verdict else 'MISSED'} ({found_ratio.median:.2f}x)"
+            )
+    return lines
+
+
+def trace_lines(round_trips: dict[Configuration, RoundTrips], high: int) -> str:
+    """Per configuration: the round trips of one GET and one POST, and the average under load."""
     return "\n".join(
-        f"- {name}: GET {_sequence(counts.get_trace)}; POST {_sequence(counts.post_trace)}; "
-        f"at c={high}: {counts.loaded:.2f} per request"
-        for name, counts in round_trips.items()
+        f"- {conf.label}: GET {_sequence(counts.get_trace)}; POST "
+        f"{_sequence(counts.post_trace)}; at c={high}: {counts.loaded:.2f} per request"
+        for conf, counts in round_trips.items()
     )
 
 

@@ -1,7 +1,10 @@
-"""The timed rounds: every variant at every concurrency, in an order shuffled per round.
+"""The timed rounds: every configuration at every concurrency, in an order shuffled per round.
 
 Shared by the in-process pass (apps called directly) and the real-HTTP pass
-(uvicorn servers); each gives a way to send a call to each variant.
+(uvicorn servers); each gives a way to open a configuration and send it calls.
+A configuration is open only for its turn in a round: with 20 of them, keeping
+every pool open side by side would hold 300 connections, three times what a
+default PostgreSQL allows (`max_connections` 100).
 """
 
 from __future__ import annotations
@@ -12,19 +15,34 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 
 from sqlalchemy.engine import URL
 
 from .asgi import Send, running
 from .load import drive, plan, posts
 from .report import Cell
-from .variants import Variant
+from .variants import Configuration
 
 CONCURRENCIES = (1, 32)
+HIGH = max(CONCURRENCIES)
 WARM_UP = 200
-"""Calls per variant at the highest concurrency before the first round: every
-pooled connection opened and its statements prepared."""
+"""Default calls per configuration at the highest concurrency each time it is opened,
+before anything is timed or counted: every pooled connection opened and its
+statements prepared."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An open configuration: how to send it a call, and the CPU time its app used so far."""
+
+    send: Send
+    cpu_seconds: Callable[[], float] | None = None
+
+
+Opener = Callable[[Configuration], AbstractAsyncContextManager[Endpoint]]
+"""Opens a configuration (its app's lifespan, or its server) for as long as the block."""
 
 
 def batch_size(requests: int, concurrency: int) -> int:
@@ -36,46 +54,56 @@ def batch_size(requests: int, concurrency: int) -> int:
 
 
 async def measure_rounds(
-    senders: dict[str, Send],
+    configurations: Sequence[Configuration],
+    open_endpoint: Opener,
+    *,
     rounds: int,
     requests: int,
+    warm_up: int,
     rng: random.Random,
     posted: Counter[str],
-    cpu_seconds: Callable[[str], float] | None = None,
 ) -> list[Cell]:
-    """Warm up every variant, then time `rounds` rounds of every (variant, concurrency)."""
-    for name, send in senders.items():
-        calls = plan(name, WARM_UP, rng)
-        await drive(send, calls, max(CONCURRENCIES))
-        posted[name] += posts(calls)
-    cells = {(name, c): Cell(name, c) for name in senders for c in CONCURRENCIES}
-    order = list(cells)
+    """Time `rounds` rounds; in each, every configuration in a shuffled order is opened,
+    warmed up, timed at every concurrency (in a shuffled order) and closed."""
+    cells = {(conf, c): Cell(conf, c) for conf in configurations for c in CONCURRENCIES}
+    order = list(configurations)
     for number in range(1, rounds + 1):
         started = time.perf_counter()
         rng.shuffle(order)
-        for name, concurrency in order:
-            calls = plan(name, batch_size(requests, concurrency), rng)
-            # Collect now, so that the last batch's garbage is not billed to this one.
-            gc.collect()
-            cpu_before = cpu_seconds(name) if cpu_seconds else 0.0
-            cells[name, concurrency].batches.append(await drive(senders[name], calls, concurrency))
-            if cpu_seconds:
-                cells[name, concurrency].cpu_seconds += cpu_seconds(name) - cpu_before
-            posted[name] += posts(calls)
+        for conf in order:
+            async with open_endpoint(conf) as endpoint:
+                calls = plan(conf.key, warm_up, rng)
+                await drive(endpoint.send, calls, HIGH)
+                posted[conf.key] += posts(calls)
+                concurrencies = list(CONCURRENCIES)
+                rng.shuffle(concurrencies)
+                for concurrency in concurrencies:
+                    calls = plan(conf.key, batch_size(requests, concurrency), rng)
+                    # Collect now, so that the last batch's garbage is not billed to this one.
+                    gc.collect()
+                    cpu_before = endpoint.cpu_seconds() if endpoint.cpu_seconds else 0.0
+                    batch = await drive(endpoint.send, calls, concurrency)
+                    cells[conf, concurrency].batches.append(batch)
+                    if endpoint.cpu_seconds:
+                        cells[conf, concurrency].cpu_seconds += endpoint.cpu_seconds() - cpu_before
+                    posted[conf.key] += posts(calls)
         print(
             f"round {number}/{rounds} in {time.perf_counter() - started:.1f} s: "
-            + ", ".join(f"{name} c={concurrency}" for name, concurrency in order),
+            + ", ".join(conf.label for conf in order),
             file=sys.stderr,
+            flush=True,
         )
     return list(cells.values())
 
 
-@asynccontextmanager
-async def in_process(variants: Sequence[Variant], url: URL) -> AsyncIterator[dict[str, Send]]:
-    """Every variant's app, its lifespan running, called directly: open side by side."""
-    async with AsyncExitStack() as stack:
-        senders: dict[str, Send] = {}
-        for variant in variants:
-            client = await stack.enter_async_context(running(variant.make_app(url)))
-            senders[variant.name] = client.send
-        yield senders
+def in_process(url_for: Callable[[Configuration], URL]) -> Opener:
+    """Open a configuration's app, its lifespan running, to be called directly."""
+
+    @asynccontextmanager
+    async def open_endpoint(conf: Configuration) -> AsyncIterator[Endpoint]:
+        async with running(conf.make_app(url_for(conf))) as client:
+            # This process's CPU: the app, its driver and the load generator, which is
+            # the same for every configuration; PostgreSQL and PgBouncer are not in it.
+            yield Endpoint(client.send, time.process_time)
+
+    return open_endpoint
