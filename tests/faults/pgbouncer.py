@@ -1,76 +1,52 @@
 """A private PgBouncer in transaction mode, in front of the fault tests' own cluster.
 
-Each instance runs Debian's `pgbouncer` (1.18) from a temporary directory of its
-own, with a configuration file there and on a free port of 127.0.0.1, so the
-machine's own pgbouncer service and `/etc/pgbouncer` are never read or touched.
-As root it runs as the `postgres` user, since PgBouncer refuses to run as root.
+The process itself (Debian's `pgbouncer` 1.18 from a temporary directory of its
+own, on a free port of 127.0.0.1, as `postgres` when root; a safe or an immediate
+stop) is run by the benchmark's `PgBouncerProcess`
+(`benchmarks/request_path/pgbouncer.py`); this module adds what the tests need.
 
 Authentication stays real on both sides. Clients authenticate to PgBouncer with
 SCRAM-SHA-256 against a userlist holding the `app` role's password (the canary)
 and a random password for an admin user; PgBouncer logs in to PostgreSQL as
 `app` with the same password, again by SCRAM. The admin console (database
 `pgbouncer`) is reached with `psql` as that admin user, over TCP.
-
-Signals, as PgBouncer 1.18 documents them: SIGINT is a safe shutdown (PAUSE, then
-exit once every server connection is released), SIGTERM an immediate one.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import signal
-import socket
-import struct
 import subprocess
-import tempfile
 import time
-from pathlib import Path
-from typing import Literal
 
 from sqlalchemy.engine import URL
 
+from benchmarks.request_path.pgbouncer import (
+    START_TIMEOUT_SECONDS,
+    PgBouncerProcess,
+    pgbouncer_binary,
+)
+from benchmarks.request_path.pgbouncer import StopMode as StopMode  # the scenarios use it
 from tests.drivers import DRIVERNAME
-from tests.faults.server import APP_ROLE, CANARY_PASSWORD, DATABASE, _bindir, free_port
+from tests.faults.server import APP_ROLE, CANARY_PASSWORD, DATABASE, _bindir
 
 ADMIN_USER = "faults_admin"
-START_TIMEOUT_SECONDS = 30.0
+# A safe stop waits until every client's transaction has ended.
 STOP_TIMEOUT_SECONDS = 60.0
 ADMIN_TIMEOUT_SECONDS = 60.0
-# Characters of PgBouncer's log quoted when it fails to start.
-LOG_TAIL = 3000
-STOP_SIGNALS = {"safe": signal.SIGINT, "immediate": signal.SIGTERM}
-# systemd hands these to a service it started; a PgBouncer built with systemd
-# support would take over the inherited sockets or notify that unit.
-SYSTEMD_VARIABLES = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
-# The protocol's SSLRequest: any PgBouncer that is up answers it with one byte.
-SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+MISSING = (
+    "the PgBouncer tests need the pgbouncer program: run `make pgbouncer` "
+    "(as root it installs Debian's pgbouncer package), or install pgbouncer yourself"
+)
 
 # RESUME's answer when there is nothing to resume.
 NOT_PAUSED = "pooler is not paused/suspended"
 
-StopMode = Literal["safe", "immediate"]
 
-
-def pgbouncer_binary() -> Path:
-    """Where `pgbouncer` is installed: on PATH, or Debian's /usr/sbin."""
-    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
-    if found is None:
-        raise RuntimeError(
-            "the PgBouncer tests need the pgbouncer program: run `make pgbouncer` "
-            "(as root it installs Debian's pgbouncer package), or install pgbouncer yourself"
-        )
-    return Path(found)
-
-
-def _userlist_entry(user: str, password: str) -> str:
-    # The auth_file format: both fields in double quotes, a quote inside doubled.
-    return '"{}" "{}"\n'.format(user.replace('"', '""'), password.replace('"', '""'))
-
-
-class PgBouncer:
+class PgBouncer(PgBouncerProcess):
     """One PgBouncer process: start, stop safely or immediately, restart, admin commands."""
+
+    stop_timeout = STOP_TIMEOUT_SECONDS
 
     def __init__(
         self,
@@ -79,148 +55,31 @@ class PgBouncer:
         pool_size: int = 5,
         server_login_retry: float = 1.0,
     ) -> None:
-        self._binary = pgbouncer_binary()  # before anything is created: it may be missing
+        if pgbouncer_binary() is None:  # before anything is created
+            raise RuntimeError(MISSING)
         self.upstream_port = upstream_port
-        self.pool_size = pool_size
-        self.directory = Path(tempfile.mkdtemp(prefix="faults-pgbouncer-"))
-        self.config = self.directory / "pgbouncer.ini"
-        self.log = self.directory / "pgbouncer.log"
-        self.port = free_port()
         self._admin_password = secrets.token_urlsafe(24)
-        self._process: subprocess.Popen[bytes] | None = None
-        self._write_files(server_login_retry)
-
-    def _write_files(self, server_login_retry: float) -> None:
-        userlist = self.directory / "userlist.txt"
-        userlist.write_text(
-            _userlist_entry(APP_ROLE, CANARY_PASSWORD)
-            + _userlist_entry(ADMIN_USER, self._admin_password)
+        super().__init__(
+            database=DATABASE,
+            host="127.0.0.1",
+            port=upstream_port,
+            users={APP_ROLE: CANARY_PASSWORD, ADMIN_USER: self._admin_password},
+            auth_type="scram-sha-256",
+            pool_size=pool_size,
+            settings={
+                "admin_users": ADMIN_USER,
+                "max_client_conn": "1000",
+                # PgBouncer refuses startup parameters it does not know; psycopg2 and
+                # JDBC send this one (asyncpg 0.32 and psycopg 3 send none that needs this).
+                "ignore_startup_parameters": "extra_float_digits",
+                # After a failed server login PgBouncer refuses new clients for this long
+                # (default 15 s), even once PostgreSQL is back: the tests measure the
+                # package, not that wait. Production behind a restarting server may want
+                # it short too.
+                "server_login_retry": str(server_login_retry),
+            },
+            prefix="faults-pgbouncer-",
         )
-        userlist.chmod(0o600)
-        settings = {
-            "listen_addr": "127.0.0.1",
-            "listen_port": str(self.port),
-            "unix_socket_dir": "",  # TCP only: no socket file in a shared directory
-            "auth_type": "scram-sha-256",
-            "auth_file": str(userlist),
-            "admin_users": ADMIN_USER,
-            "pool_mode": "transaction",
-            "default_pool_size": str(self.pool_size),
-            "max_client_conn": "1000",
-            # PgBouncer refuses startup parameters it does not know; psycopg2 and JDBC
-            # send this one (asyncpg 0.32 and psycopg 3 send none that needs this).
-            "ignore_startup_parameters": "extra_float_digits",
-            # Nothing to reset between transactions, and a reset would cost a round trip.
-            "server_reset_query": "",
-            # After a failed server login PgBouncer refuses new clients for this long
-            # (default 15 s), even once PostgreSQL is back: the tests measure the
-            # package, not that wait. Production behind a restarting server may want
-            # it short too.
-            "server_login_retry": str(server_login_retry),
-            "logfile": str(self.log),
-        }
-        self.config.write_text(
-            f"[databases]\n{DATABASE} = host=127.0.0.1 port={self.upstream_port} "
-            f"dbname={DATABASE}\n\n[pgbouncer]\n"
-            + "".join(f"{name} = {value}\n" for name, value in settings.items())
-        )
-        if os.geteuid() == 0:
-            for path in (self.directory, self.config, userlist):
-                shutil.chown(path, "postgres", "postgres")
-
-    # --- lifecycle ------------------------------------------------------------------
-
-    def __enter__(self) -> PgBouncer:
-        try:
-            self.start()
-        except BaseException:
-            self.destroy()  # __exit__ is not called when __enter__ raises
-            raise
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.destroy()
-
-    def start(self) -> None:
-        """Start PgBouncer on `self.port` and wait until it answers there."""
-        if self.is_running():
-            raise RuntimeError("this PgBouncer is already running")
-        env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-        # PgBouncer refuses to run as root; as root the suite runs it as postgres.
-        as_postgres = os.geteuid() == 0
-        with (self.directory / "stderr.log").open("ab") as stderr:
-            self._process = subprocess.Popen(
-                [str(self._binary), str(self.config)],
-                cwd=self.directory,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                user="postgres" if as_postgres else None,
-                group="postgres" if as_postgres else None,
-                extra_groups=[] if as_postgres else None,
-            )
-        self._wait_until_accepting()
-
-    def _wait_until_accepting(self) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while not self._answers():
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"pgbouncer exited with {self._process.returncode} before it was "
-                    f"ready; its log ends:\n{self._log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"pgbouncer did not answer within {START_TIMEOUT_SECONDS} s; "
-                    f"its log ends:\n{self._log_tail()}"
-                )
-            time.sleep(0.01)
-
-    def _answers(self) -> bool:
-        """Whether a PgBouncer answers a protocol message on `self.port`."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
-                probe.sendall(SSL_REQUEST)
-                return probe.recv(1) in (b"N", b"S")
-        except OSError:
-            return False
-
-    def _log_tail(self) -> str:
-        texts = [p.read_text(errors="replace") for p in (self.log, self.directory / "stderr.log")]
-        return next((text for text in texts if text), "(empty)")[-LOG_TAIL:]
-
-    def stop(self, mode: StopMode = "safe") -> None:
-        """Shut down ("safe": SIGINT, "immediate": SIGTERM) and wait for the exit."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(STOP_SIGNALS[mode])
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise TimeoutError(
-                f"pgbouncer did not stop ({mode}) within {STOP_TIMEOUT_SECONDS} s; killed it"
-            ) from None
-
-    def restart(self, mode: StopMode = "safe") -> None:
-        """Stop in `mode`, start again on the same port and wait until it answers."""
-        self.stop(mode)
-        self.start()
-
-    def is_running(self) -> bool:
-        """Whether the PgBouncer this object started is still running."""
-        return self._process is not None and self._process.poll() is None
-
-    def destroy(self) -> None:
-        """Stop (immediately) and delete the directory with its config, userlist and log."""
-        self.stop("immediate")
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    # --- use --------------------------------------------------------------------------
 
     def _psql(self, user: str, password: str, database: str, command: str) -> str:
         """Run `command` through PgBouncer with psql (simple query protocol); its output."""
