@@ -15,6 +15,7 @@ import httpx
 
 # Long enough never to cut a slow request short: a hang is for the no-hang tests.
 REQUEST_TIMEOUT_SECONDS = 120.0
+KEEPALIVE_EXPIRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,14 @@ def reconcile(writes: list[Write], stored_names: set[str]) -> Outcome:
 async def write_until(base_url: str, clients: int, stop: asyncio.Event) -> list[Write]:
     """Run `clients` writers, each sending one write after another, until `stop` is set."""
     writes: list[Write] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # Keep-alive connections expire well before uvicorn closes idle ones (5 s): at
+    # equal timeouts a write sent on a connection the server is closing fails with a
+    # ReadError without reaching the app, a fault of the load generator, not the service.
+    limits = httpx.Limits(
+        max_connections=clients,
+        max_keepalive_connections=clients,
+        keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+    )
     async with httpx.AsyncClient(
         base_url=base_url, limits=limits, timeout=REQUEST_TIMEOUT_SECONDS
     ) as client:
