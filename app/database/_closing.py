@@ -73,12 +73,13 @@ async def _cancel_then_cut(
     cancel: Coroutine[Any, Any, None], driver: Driver, connection: Any
 ) -> None:
     try:
-        await _bounded(cancel)
+        await bounded(cancel)
     finally:
         driver.cut(connection)
 
 
-async def _bounded(request: Coroutine[Any, Any, None]) -> None:
+async def bounded(request: Coroutine[Any, Any, None]) -> None:
+    """Send a CancelRequest, waiting at most CANCEL_TIMEOUT_SECONDS; never raises."""
     # Best effort: if it fails, the statement runs to its end, as it would without it.
     with contextlib.suppress(Exception):
         await asyncio.wait_for(request, CANCEL_TIMEOUT_SECONDS)
@@ -86,7 +87,7 @@ async def _bounded(request: Coroutine[Any, Any, None]) -> None:
 
 def send_in_background(request: Coroutine[Any, Any, None]) -> None:
     """Run `request` (a CancelRequest, bounded) without making anyone wait for it."""
-    task = asyncio.get_running_loop().create_task(_bounded(request))
+    task = asyncio.get_running_loop().create_task(bounded(request))
     _cancels.add(task)
     task.add_done_callback(_cancels.discard)
 

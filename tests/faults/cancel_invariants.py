@@ -22,6 +22,12 @@ from tests.faults.cancel_workload import POOL_CAPACITY, TABLE
 from tests.postgres import checked_out, count_backends
 
 QUIESCENCE_SECONDS = 2.0
+# Styles in which a cancellation delivered during a phase must end the unit of work
+# as cancelled: one that completed or failed instead had it swallowed, and ran on.
+# Not over ASGI with anyio: one landing in the ROLLBACK after the route raised often
+# ends as that route's 409 instead (on either driver); the unit of work failed and
+# rolled back all the same. Not over HTTP: nothing is cancelled there.
+SURFACING_STYLES = ("task", "anyio", "asgi-task")
 HEALTH_UNITS = 100
 SAMPLE_SECONDS = 0.025
 
@@ -51,9 +57,11 @@ async def server_state(observer: Any, application_name: str) -> ServerState:
     )
 
 
-async def _observer(dsn: str, role: str) -> Any:
-    # A plain asyncpg connection, outside the pool under test, named so that it is
-    # never counted among the application's backends.
+async def connect_observer(dsn: str, role: str) -> Any:
+    """A plain asyncpg connection, outside the pool under test, named `h2-cancel-<role>-<pid>`.
+
+    Named so that it is never counted among the application's backends.
+    """
     return await asyncpg.connect(
         dsn, server_settings={"application_name": f"h2-cancel-{role}-{os.getpid()}"}
     )
@@ -71,7 +79,7 @@ class Sampler:
 
     async def run(self) -> None:
         """Poll every SAMPLE_SECONDS until `stop()`."""
-        observer = await _observer(self._dsn, "sampler")
+        observer = await connect_observer(self._dsn, "sampler")
         try:
             while not self._stop.is_set():
                 state = await server_state(observer, self._application_name)
@@ -112,6 +120,8 @@ class StyleReport:
     late_commits: int = 0
     lost: int = 0  # completed, yet the pair is absent
     failed_but_committed: int = 0
+    # By phase: cancellations that landed, yet the unit of work completed or failed.
+    swallowed: Counter[str] = field(default_factory=Counter)
     poisoned_after: int = 0
     invalidated: int = 0
     noise: list[str] = field(default_factory=list)
@@ -126,6 +136,9 @@ class StyleReport:
             self.errors.append(f"iteration {iteration.number}: {outcome}")
         if iteration.landed is not None:
             self.landed[iteration.landed] += 1
+        ran_on = outcome in ("completed", "failed")
+        if ran_on and iteration.landed in PHASES and self.style in SURFACING_STYLES:
+            self.swallowed[iteration.landed] += 1
 
     def violations(self) -> list[str]:
         """Every broken promise, each with its figure."""
@@ -138,11 +151,14 @@ class StyleReport:
             "half_committed": self.half_committed,
             "lost": self.lost,
             "failed_but_committed": self.failed_but_committed,
+            "swallowed": sum(self.swallowed.values()),
             "poisoned_after": self.poisoned_after,
             "errors": len(self.errors),
             "warnings": len(self.noise),
         }
         found = [f"{name}={value}" for name, value in checks.items() if value]
+        if self.swallowed:
+            found.append(f"cancellations swallowed in {dict(self.swallowed)}")
         if self.backends_after > POOL_CAPACITY:
             found.append(f"backends_after={self.backends_after} > capacity {POOL_CAPACITY}")
         return found + self.errors[:5] + self.noise[:5]
@@ -160,7 +176,8 @@ class StyleReport:
             f"backends_max={self.backends_max} backends_after={self.backends_after}/"
             f"{POOL_CAPACITY} locks_after={self.locks_after} "
             f"half_committed={self.half_committed} late_commits={self.late_commits} "
-            f"lost={self.lost} poisoned_after={self.poisoned_after} "
+            f"lost={self.lost} swallowed={sum(self.swallowed.values())} "
+            f"poisoned_after={self.poisoned_after} "
             f"errors={len(self.errors)} warnings={len(self.noise)} "
             f"asyncpg_connect_noise={self.asyncpg_connect_noise} "
             f"invalidated={self.invalidated} {self.seconds:.1f}s | phases hit: {hit}"
@@ -175,7 +192,7 @@ async def check_after(
     plans: list[Iteration],
 ) -> None:
     """Once the run is over: wait for quiescence, then fill in what was left behind."""
-    observer = await _observer(dsn, "observer")
+    observer = await connect_observer(dsn, "observer")
     try:
         # Quiescence: whatever cleanup is still running gets QUIESCENCE_SECONDS.
         deadline = time.monotonic() + QUIESCENCE_SECONDS

@@ -20,6 +20,9 @@ NOISE = (
     "was never awaited",
     "attached to a different loop",
 )
+# Listened to down to DEBUG, where they say a connection or a task was abandoned;
+# every other logger (the drivers' too: psycopg warns when a cancellation of its
+# own fails) is listened to at its usual level, WARNING.
 NOISE_LOGGERS = ("asyncio", "sqlalchemy.pool", "uvicorn.error")
 # asyncpg 0.32 (sslmode=prefer, its default) sets an exception nobody reads on its
 # SSL-negotiation future when a connect() is cancelled: "Future exception was never
@@ -61,9 +64,12 @@ class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self._seen: set[int] = set()  # ids of the records kept (alive, so unique)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        if id(record) not in self._seen:  # once, whichever logger passed it on
+            self._seen.add(id(record))
+            self.records.append(record)
 
 
 @contextlib.contextmanager
@@ -72,11 +78,14 @@ def collecting_noise() -> Iterator[list[str]]:
 
     The list is filled when the block exits.
     """
+    # On the root logger, as pytest's caplog, for every logger's records; and on the
+    # noise loggers themselves, which may stop propagating (uvicorn's do once it runs).
     handler = _Records()
     loggers = [logging.getLogger(name) for name in NOISE_LOGGERS]
     levels = [logger.level for logger in loggers]
-    for logger in loggers:
+    for logger in [logging.getLogger(), *loggers]:
         logger.addHandler(handler)
+    for logger in loggers:
         logger.setLevel(logging.DEBUG)
     unraisable: list[str] = []
     previous_hook = sys.unraisablehook
@@ -88,6 +97,7 @@ def collecting_noise() -> Iterator[list[str]]:
             yield found
     finally:
         sys.unraisablehook = previous_hook
+        logging.getLogger().removeHandler(handler)
         for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
             logger.setLevel(level)

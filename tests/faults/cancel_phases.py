@@ -1,5 +1,6 @@
 """The phases a cancelled unit of work can be in: an `Iteration` knows its phase and when to
-cancel itself, and `phase_probe` moves it along through SQLAlchemy's events and asyncpg's query log.
+cancel itself, and `phase_probe` moves it along through SQLAlchemy's events and, for the end of
+BEGIN, the driver's own (tests/drivers.py `on_begin_done`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.database import _liveness
+from tests.drivers import on_begin_done
 
 # Phases a cancellation can land in, in the order a unit of work passes them:
 # waiting for a pooled (or new) connection; the liveness ping on checkout; BEGIN in
@@ -79,17 +81,15 @@ def _enter(phase: str) -> None:
         iteration.enter(phase)
 
 
-def _watch_queries(dbapi_connection: Any, _: Any) -> None:
-    # asyncpg logs a query when it completes: the end of BEGIN is the start of the
-    # statement that caused it, which no SQLAlchemy event marks.
-    dbapi_connection.driver_connection.add_query_logger(_query_done)
+def _watch_begin(dbapi_connection: Any, _: Any) -> None:
+    # The end of BEGIN is the start of the statement that caused it, which no
+    # SQLAlchemy event marks: the driver tells.
+    on_begin_done(dbapi_connection.driver_connection, _begin_done)
 
 
-def _query_done(record: Any) -> None:
+def _begin_done() -> None:
     iteration = _CURRENT.get()
-    if iteration is None or record.exception is not None:
-        return
-    if record.query.startswith("BEGIN") and iteration.phase == "begin":
+    if iteration is not None and iteration.phase == "begin":
         iteration.began = True
         iteration.enter("statement")
 
@@ -116,7 +116,7 @@ def phase_probe(engine: AsyncEngine) -> Iterator[None]:
     """Record the phase each unit of work reaches, through `engine`'s events."""
     sync_engine = engine.sync_engine
     listeners: list[tuple[Any, str, Callable[..., None], dict[str, bool]]] = [
-        (sync_engine.pool, "connect", _watch_queries, {}),
+        (sync_engine.pool, "connect", _watch_begin, {}),
         (sync_engine, "checkout", _checkout_starts, {"insert": True}),
         (sync_engine, "checkout", _checked_out, {}),
         (sync_engine, "before_cursor_execute", _statement_starts, {}),

@@ -1,7 +1,8 @@
 """Cancel units of work at seeded random phases, then check that nothing leaked (C-01..C-03).
 
 The driver of tests/faults/test_cancellation.py, and a soak run of its own:
-`python -m tests.faults.cancellation --iterations 1000 --url postgresql+asyncpg://postgres@127.0.0.1:5432/postgres`.
+`python -m tests.faults.cancellation --iterations 1000 --url postgresql+asyncpg://postgres@127.0.0.1:5432/postgres`
+(for psycopg: `TEST_DRIVER=psycopg` and a `postgresql+psycopg://` URL).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.database import DatabaseSessionManager
+from app.database import DatabaseConfigError, DatabaseSessionManager
+from app.database._config import parse_async_url
 from app.database.testing import create_test_database, drop_test_database
+from tests.drivers import DRIVER, DRIVERNAME
 from tests.faults.cancel_frontends import STYLES, Registry, front_end, serving
 from tests.faults.cancel_invariants import Sampler, StyleReport, check_after
 from tests.faults.cancel_noise import collected_garbage_warnings, collecting_noise, split_noise
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=1000, help="per style")
     parser.add_argument(
         "--url",
-        default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres",
+        default=f"{DRIVERNAME}://postgres@127.0.0.1:5432/postgres",
         help="the server to use; the run creates and drops a database h2_cancel_<pid>_<hex>",
     )
     parser.add_argument("--seed", type=int, default=None)
@@ -201,7 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [style for style in styles if style not in STYLES]
     if unknown:
         parser.error(f"unknown style(s) {unknown}: choose from {', '.join(STYLES)}")
-    return asyncio.run(soak(make_url(args.url), args.iterations, seed, styles))
+    try:
+        url = parse_async_url(args.url)  # as init() will read it
+    except DatabaseConfigError as error:
+        parser.error(str(error))
+    driver = url.get_driver_name()
+    if driver != DRIVER:
+        # The connect_args (application_name) and the phase probe follow TEST_DRIVER.
+        parser.error(
+            f"--url uses {driver}, TEST_DRIVER is {DRIVER}: set TEST_DRIVER={driver}, "
+            f"or use a {DRIVERNAME}:// URL"
+        )
+    return asyncio.run(soak(url, args.iterations, seed, styles))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Cancellation leaks nothing: units of work cancelled at every phase, by every mechanism.
 
 Scenarios C-01, C-02, C-03 and C-06 of the reliability matrix, in a short seeded
-run; `python -m tests.faults.cancellation` is the 1,000-iteration soak.
+run, and C-01/C-02 seen from the server (the cancelled statement stops there);
+`python -m tests.faults.cancellation` is the 1,000-iteration soak.
 CANCEL_ITERATIONS (per style) and FAULT_SEED override the run's size and seed.
 """
 
@@ -18,9 +19,15 @@ from sqlalchemy.engine import URL
 from app.database import DatabaseSessionManager
 from tests.drivers import application_name
 from tests.faults.cancel_invariants import StyleReport
-from tests.faults.cancel_noise import collected_garbage_warnings, noise_in, split_noise
+from tests.faults.cancel_noise import (
+    NOISE_LOGGERS,
+    collected_garbage_warnings,
+    noise_in,
+    split_noise,
+)
 from tests.faults.cancel_phases import PHASES
 from tests.faults.cancel_queued_waiters import QueueReport, cancel_queued_waiters
+from tests.faults.cancel_server_side import STOP_SECONDS, cancel_running_statement
 from tests.faults.cancel_workload import create_schema, drop_schema, open_manager
 from tests.faults.cancellation import run_style
 from tests.postgres import asyncpg_dsn
@@ -55,12 +62,17 @@ async def manager_fixture(
         await manager.close()
 
 
+Noise = Callable[[], list[logging.LogRecord]]
+
+
 @pytest.fixture(name="noise")
-def noise_fixture(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    """Everything asyncio and SQLAlchemy's pool log, down to DEBUG."""
-    caplog.set_level(logging.DEBUG, logger="asyncio")
-    caplog.set_level(logging.DEBUG, logger="sqlalchemy.pool")
-    return caplog.records
+def noise_fixture(caplog: pytest.LogCaptureFixture) -> Noise:
+    """What the test logged so far: every logger's warnings, asyncio's and the pool's DEBUG too."""
+    for name in NOISE_LOGGERS:
+        caplog.set_level(logging.DEBUG, logger=name)
+    # Read when called: pytest gives each phase (setup, call) a new list of records,
+    # so a list taken here, during setup, would never see what the test logs.
+    return lambda: caplog.records
 
 
 RunStyle = Callable[[str, int], Awaitable[StyleReport]]
@@ -68,14 +80,14 @@ RunStyle = Callable[[str, int], Awaitable[StyleReport]]
 
 @pytest.fixture(name="run_cancelled")
 def run_cancelled_fixture(
-    manager: DatabaseSessionManager, pairs_dsn: str, noise: list[logging.LogRecord]
+    manager: DatabaseSessionManager, pairs_dsn: str, noise: Noise
 ) -> RunStyle:
     """A function running n units of work in a style on `manager`: its report, noise included."""
 
     async def run(style: str, iterations: int) -> StyleReport:
         report = await run_style(manager, style, iterations, SEED, pairs_dsn, APPLICATION_NAME)
         garbage = collected_garbage_warnings()  # first: what the collector finds is logged too
-        report.noise, report.asyncpg_connect_noise = split_noise(garbage + noise_in(noise))
+        report.noise, report.asyncpg_connect_noise = split_noise(garbage + noise_in(noise()))
         return report
 
     return run
@@ -107,7 +119,7 @@ async def test_client_disconnect_over_uvicorn_leaks_nothing(
 
 @pytest.mark.parametrize("style", ["task", "anyio"])
 async def test_waiters_cancelled_in_the_pool_queue_lose_no_slot(
-    database_url: URL, noise: list[logging.LogRecord], style: str
+    database_url: URL, noise: Noise, style: str
 ) -> None:
     """15 of 20 sessions queued for a pool of 2 are cancelled: both slots come back."""
     manager = DatabaseSessionManager()
@@ -127,5 +139,21 @@ async def test_waiters_cancelled_in_the_pool_queue_lose_no_slot(
 
     assert report == QueueReport(cancelled=15, served=5, checked_out_after=0, concurrent_after=2)
     garbage = collected_garbage_warnings()
-    unexpected, _asyncpg_connect_noise = split_noise(garbage + noise_in(noise))
+    unexpected, _asyncpg_connect_noise = split_noise(garbage + noise_in(noise()))
+    assert unexpected == []
+
+
+@pytest.mark.parametrize("style", ["task", "anyio"])
+async def test_statement_cancelled_mid_flight_stops_on_the_server(
+    manager: DatabaseSessionManager, pairs_dsn: str, noise: Noise, style: str
+) -> None:
+    """A unit of work cancelled during a 20 s statement: the server stops it, within 2 s."""
+    report = await cancel_running_statement(manager, style, pairs_dsn, APPLICATION_NAME)
+
+    assert report.outcome == "cancelled", report
+    # Otherwise the backend runs the statement to its end, holding its locks and its
+    # transaction open, although the connection was given back to the pool.
+    assert report.still_running == 0, f"still running {STOP_SECONDS} s on: {report}"
+    garbage = collected_garbage_warnings()
+    unexpected, _asyncpg_connect_noise = split_noise(garbage + noise_in(noise()))
     assert unexpected == []

@@ -45,18 +45,29 @@ class BoundedConnection(psycopg.AsyncConnection[Any]):
     async def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
         self._waits += 1
         try:
-            return await super().wait(gen, interval, timeout or self.command_timeout)
+            # Not super().wait(): on a cancellation, psycopg's sends a CancelRequest and
+            # waits for the server (up to 5 s + 5 s) before letting it through; a cancel
+            # scope that cancels again (anyio, Starlette) interrupts that before the
+            # request is out, and psycopg closes the connection with a warning while the
+            # backend runs its statement on. Let through at once, a cancellation makes
+            # SQLAlchemy discard the connection, and the pool's terminate sends the
+            # CancelRequest and cuts, bounded, in the order a pooler needs (_closing.py).
+            return await waiting.wait_async(
+                gen, self.pgconn.socket, interval=interval, timeout=timeout or self.command_timeout
+            )
         except errors.OperationalError as error:
             # psycopg's own wait timeout (a private subclass): anything else passes.
             if type(error).__name__ != "_WaitTimeout":
                 raise
-            cancel = DRIVER.cancel_request(self)
+            # The CancelRequest first, then the cut: through a transaction pooler the
+            # cancel is forwarded only while this client's connection is open.
             self._cut = True
-            _shutdown(self)
+            cancel = DRIVER.cancel_request(self)
             if cancel is not None:
-                from .._closing import send_in_background
+                from .._closing import bounded  # here: _closing imports the drivers
 
-                send_in_background(cancel)
+                await bounded(cancel)
+            _shutdown(self)
             raise CommandTimeoutError(
                 f"the server did not answer within {self.command_timeout} s "
                 "(connect_args['command_timeout']); the statement was cancelled and the "
@@ -79,7 +90,15 @@ def _shutdown(connection: psycopg.AsyncConnection[Any]) -> None:
 
 def _connector(command_timeout: float | None) -> Any:
     async def connect(*args: Any, **kwargs: Any) -> BoundedConnection:
-        connection = await BoundedConnection.connect(*args, **kwargs)
+        try:
+            connection = await BoundedConnection.connect(*args, **kwargs)
+        except asyncio.CancelledError as error:
+            # psycopg re-raises from a frame that still holds the connection it was
+            # making (cancelled mid-handshake): without that frame the socket closes
+            # now, not whenever the exception is freed (a log record may keep it;
+            # measured: 7-11 of 200 cancelled connects left a backend open).
+            error.with_traceback(None)
+            raise
         connection.command_timeout = command_timeout
         return connection
 
@@ -145,9 +164,17 @@ class PsycopgDriver(Driver):
         await connection.set_autocommit(True)  # client-side only: the connection is idle
         try:
             async with connection.cursor() as cursor:
-                await asyncio.wait_for(cursor.execute(sql, prepare=False), timeout * 2)
+                if isinstance(connection, BoundedConnection):
+                    # Bounded above. Not asyncio.wait_for(), which before Python 3.12
+                    # returns the result instead of raising a cancellation that arrives
+                    # as the statement ends: the cancelled unit of work would run on.
+                    await cursor.execute(sql, prepare=False)
+                else:
+                    await asyncio.wait_for(cursor.execute(sql, prepare=False), timeout * 2)
         finally:
-            if not connection.closed:
+            # Not after a cancellation that left the statement running (ACTIVE): psycopg
+            # would raise, replacing the cancellation; the caller discards the connection.
+            if connection.pgconn.transaction_status == _STATUS.IDLE:
                 await connection.set_autocommit(False)
             if isinstance(connection, BoundedConnection):
                 connection.command_timeout = usual_timeout
