@@ -80,6 +80,7 @@ soak: venv pgbouncer
 	$(BIN)/python -m tests.faults.soak
 	$(BIN)/python -m tests.faults.soak --pgbouncer
 	$(BIN)/python -m tests.faults.cancellation --iterations 1000
+	$(BIN)/python -m tests.faults.cancellation --iterations 1000 --pgbouncer
 
 # Per-test cost of each test isolation strategy, side by side (1-3 minutes, PostgreSQL
 # from BENCH_DATABASE_URL); prints a Markdown table, see benchmarks/README.md.

@@ -26,6 +26,10 @@ from .drivers import Driver
 
 # A CancelRequest is one packet on a new connection; this bounds a stalled network.
 CANCEL_TIMEOUT_SECONDS = 0.5
+# Through a transaction pooler the cancel waits for the pooler's own connection to
+# the server. PgBouncer before 1.20 exits (FATAL "bad client state") when a cancel
+# connection closes before it is done with it, so it gets longer there.
+POOLER_CANCEL_TIMEOUT_SECONDS = 5.0
 # Sent in the background, so that no request waits for them; close() does.
 _cancels: set[asyncio.Task[None]] = set()
 
@@ -44,24 +48,30 @@ def install_prompt_close(engine: Engine, driver: Driver, *, transaction_pooler: 
     def terminate(dbapi_connection: Any) -> None:
         connection = dbapi_connection.driver_connection
         cancel = _cancel_request(driver, connection)
-        if cancel is None:
-            driver.cut(connection)
-        elif transaction_pooler:
-            send_in_background(_cancel_then_cut(cancel, driver, connection))
-        else:
-            driver.cut(connection)
+        if transaction_pooler and _loop_running():
+            request = _cancels_then_cut(cancel, driver, connection)
+            send_in_background(request, POOLER_CANCEL_TIMEOUT_SECONDS * 2)
+            return
+        driver.cut(connection)
+        if cancel is not None:
             send_in_background(cancel)
 
     dialect.do_close = close
     dialect.do_terminate = terminate
 
 
-def _cancel_request(driver: Driver, connection: Any) -> Coroutine[Any, Any, None] | None:
-    """A coroutine asking the server to stop `connection`'s statement; None if not needed."""
+def _loop_running() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return None  # garbage collection outside the event loop: nothing can be sent
+        return False  # garbage collection outside the event loop: nothing can be sent
+    return True
+
+
+def _cancel_request(driver: Driver, connection: Any) -> Coroutine[Any, Any, None] | None:
+    """A coroutine asking the server to stop `connection`'s statement; None if not needed."""
+    if not _loop_running():
+        return None
     if driver.is_closed(connection) or not driver.in_transaction(connection):
         # The socket is already gone (the backend has seen it too), or the backend
         # is idle: a recycled or discarded connection needs no cancel.
@@ -69,25 +79,33 @@ def _cancel_request(driver: Driver, connection: Any) -> Coroutine[Any, Any, None
     return driver.cancel_request(connection)
 
 
-async def _cancel_then_cut(
-    cancel: Coroutine[Any, Any, None], driver: Driver, connection: Any
+async def _cancels_then_cut(
+    cancel: Coroutine[Any, Any, None] | None, driver: Driver, connection: Any
 ) -> None:
+    # The driver's own CancelRequests first (asyncpg sends one when a statement's task
+    # is cancelled, and the cut would abandon it half-sent), then the package's.
     try:
-        await bounded(cancel)
+        await driver.cancels_sent(connection, POOLER_CANCEL_TIMEOUT_SECONDS)
+        if cancel is not None:
+            await bounded(cancel, POOLER_CANCEL_TIMEOUT_SECONDS)
     finally:
         driver.cut(connection)
 
 
-async def bounded(request: Coroutine[Any, Any, None]) -> None:
-    """Send a CancelRequest, waiting at most CANCEL_TIMEOUT_SECONDS; never raises."""
+async def bounded(
+    request: Coroutine[Any, Any, None], timeout: float = CANCEL_TIMEOUT_SECONDS
+) -> None:
+    """Send a CancelRequest, waiting at most `timeout` seconds; never raises."""
     # Best effort: if it fails, the statement runs to its end, as it would without it.
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(request, CANCEL_TIMEOUT_SECONDS)
+        await asyncio.wait_for(request, timeout)
 
 
-def send_in_background(request: Coroutine[Any, Any, None]) -> None:
+def send_in_background(
+    request: Coroutine[Any, Any, None], timeout: float = CANCEL_TIMEOUT_SECONDS
+) -> None:
     """Run `request` (a CancelRequest, bounded) without making anyone wait for it."""
-    task = asyncio.get_running_loop().create_task(bounded(request))
+    task = asyncio.get_running_loop().create_task(bounded(request, timeout))
     _cancels.add(task)
     task.add_done_callback(_cancels.discard)
 

@@ -79,11 +79,14 @@ async def drop_schema(dsn: str) -> None:
     await _execute(dsn, DROP_SCHEMA)
 
 
-def open_manager(url: URL, application_name: str) -> DatabaseSessionManager:
+def open_manager(
+    url: URL, application_name: str, *, transaction_pooler: bool = False
+) -> DatabaseSessionManager:
     """A manager of the run's own: small pool, bounded waits, its own application_name."""
     manager = DatabaseSessionManager()
     manager.init(
         url,
+        transaction_pooler=transaction_pooler,
         pool_size=POOL_CAPACITY,
         max_overflow=0,
         pool_timeout=POOL_TIMEOUT_SECONDS,

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.database import DatabaseConfigError, DatabaseSessionManager
 from app.database._config import parse_async_url
 from app.database.testing import create_test_database, drop_test_database
+from benchmarks.request_path.pgbouncer import PgBouncer
 from tests.drivers import DRIVER, DRIVERNAME
 from tests.faults.cancel_frontends import STYLES, Registry, front_end, serving
 from tests.faults.cancel_invariants import Sampler, StyleReport, check_after
@@ -148,8 +149,14 @@ async def run_style(
     return report
 
 
-async def soak(server: URL, iterations: int, seed: int, styles: list[str]) -> int:
-    """Run every style on a database of its own; print one line each; 1 if a promise broke."""
+async def soak(
+    server: URL, iterations: int, seed: int, styles: list[str], *, pgbouncer: bool = False
+) -> int:
+    """Run every style on a database of its own; print one line each; 1 if a promise broke.
+
+    With `pgbouncer`, the units of work go through a private PgBouncer in transaction
+    mode (`transaction_pooler=True`), whose server connections are the backends checked.
+    """
     url = server.set(database=f"h2_cancel_{os.getpid()}_{secrets.token_hex(3)}")
     application_name = f"h2-cancel-{os.getpid()}"
     dsn = asyncpg_dsn(url)
@@ -157,20 +164,10 @@ async def soak(server: URL, iterations: int, seed: int, styles: list[str]) -> in
     await create_test_database(url)
     try:
         await create_schema(dsn)
-        for style in styles:
-            with collecting_noise() as noise:
-                manager = open_manager(url, application_name)
-                try:
-                    report = await run_style(
-                        manager, style, iterations, seed, dsn, application_name
-                    )
-                finally:
-                    await manager.close()
-                # Inside the collection: what the collector finds gets logged too.
-                garbage = collected_garbage_warnings()
-            report.noise, report.asyncpg_connect_noise = split_noise(noise + garbage)
-            print(report.line(), flush=True)
-            broken = _print_violations(report.violations()) or broken
+        async with _deployment(url, pgbouncer) as units_url:
+            broken = await _soak_styles(
+                units_url, iterations, seed, styles, dsn, application_name, pgbouncer
+            )
     finally:
         # Anything abandoned late (found by a later collection, or at the drop).
         with collecting_noise() as trailing:
@@ -179,6 +176,41 @@ async def soak(server: URL, iterations: int, seed: int, styles: list[str]) -> in
     late, known = split_noise(trailing + garbage)
     print(f"[after all styles] warnings={len(late)} asyncpg_connect_noise={known}", flush=True)
     return 1 if _print_violations(late) or broken else 0
+
+
+@contextlib.asynccontextmanager
+async def _deployment(url: URL, pgbouncer: bool) -> AsyncIterator[URL]:
+    """`url` itself, or `url` through a PgBouncer of the run's own."""
+    if not pgbouncer:
+        yield url
+        return
+    with PgBouncer(url, pool_size=POOL_CAPACITY) as pooler:
+        yield pooler.url(url)
+
+
+async def _soak_styles(
+    url: URL,
+    iterations: int,
+    seed: int,
+    styles: list[str],
+    dsn: str,
+    application_name: str,
+    pgbouncer: bool,
+) -> bool:
+    broken = False
+    for style in styles:
+        with collecting_noise() as noise:
+            manager = open_manager(url, application_name, transaction_pooler=pgbouncer)
+            try:
+                report = await run_style(manager, style, iterations, seed, dsn, application_name)
+            finally:
+                await manager.close()
+            # Inside the collection: what the collector finds gets logged too.
+            garbage = collected_garbage_warnings()
+        report.noise, report.asyncpg_connect_noise = split_noise(noise + garbage)
+        print(("[pgbouncer] " if pgbouncer else "") + report.line(), flush=True)
+        broken = _print_violations(report.violations()) or broken
+    return broken
 
 
 def _print_violations(violations: list[str]) -> bool:
@@ -198,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--styles", default=",".join(STYLES), help="comma-separated")
+    parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="through a private PgBouncer in transaction mode, with transaction_pooler=True",
+    )
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else secrets.randbelow(1_000_000)
     styles = [style for style in args.styles.split(",") if style]
@@ -215,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--url uses {driver}, TEST_DRIVER is {DRIVER}: set TEST_DRIVER={driver}, "
             f"or use a {DRIVERNAME}:// URL"
         )
-    return asyncio.run(soak(url, args.iterations, seed, styles))
+    return asyncio.run(soak(url, args.iterations, seed, styles, pgbouncer=args.pgbouncer))
 
 
 if __name__ == "__main__":

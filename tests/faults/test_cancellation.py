@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy.engine import URL
 
 from app.database import DatabaseSessionManager
+from benchmarks.request_path.pgbouncer import PgBouncer
 from tests.drivers import application_name
 from tests.faults.cancel_invariants import StyleReport
 from tests.faults.cancel_noise import (
@@ -28,7 +29,7 @@ from tests.faults.cancel_noise import (
 from tests.faults.cancel_phases import PHASES
 from tests.faults.cancel_queued_waiters import QueueReport, cancel_queued_waiters
 from tests.faults.cancel_server_side import STOP_SECONDS, cancel_running_statement
-from tests.faults.cancel_workload import create_schema, drop_schema, open_manager
+from tests.faults.cancel_workload import POOL_CAPACITY, create_schema, drop_schema, open_manager
 from tests.faults.cancellation import run_style
 from tests.postgres import asyncpg_dsn
 
@@ -101,6 +102,35 @@ async def test_cancellation_at_any_phase_leaks_nothing(run_cancelled: RunStyle, 
     assert not report.violations(), f"rerun with FAULT_SEED={SEED}: {report.line()}"
     missed = [phase for phase in PHASES if not report.landed[phase]]
     assert not missed, f"no cancellation landed in {missed} (FAULT_SEED={SEED}): {report.line()}"
+
+
+@pytest.fixture(name="pooled_manager")
+async def pooled_manager_fixture(
+    database_url: URL, pairs_dsn: str
+) -> AsyncIterator[DatabaseSessionManager]:
+    """Like `manager`, through a private PgBouncer in transaction mode (transaction_pooler)."""
+    with PgBouncer(database_url, pool_size=POOL_CAPACITY) as pgbouncer:
+        manager = open_manager(
+            pgbouncer.url(database_url), APPLICATION_NAME, transaction_pooler=True
+        )
+        try:
+            yield manager
+        finally:
+            await manager.close()
+
+
+@pytest.mark.parametrize("style", ["task", "anyio"])
+async def test_cancellation_through_pgbouncer_leaks_nothing(
+    pooled_manager: DatabaseSessionManager, pairs_dsn: str, noise: Noise, style: str
+) -> None:
+    """Through a transaction pooler too: no server connection left in a transaction or leaked."""
+    report = await run_style(pooled_manager, style, ITERATIONS, SEED, pairs_dsn, APPLICATION_NAME)
+    report.noise, report.asyncpg_connect_noise = split_noise(
+        collected_garbage_warnings() + noise_in(noise())
+    )
+
+    assert not report.violations(), f"rerun with FAULT_SEED={SEED}: {report.line()}"
+    assert report.outcomes["cancelled"] > 0, report.line()
 
 
 @pytest.mark.parametrize("style", ["http", "http-basemw"])

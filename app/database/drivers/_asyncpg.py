@@ -113,6 +113,13 @@ class AsyncpgDriver(Driver):
             return None  # another asyncpg: the cut still happens, uncancelled
         return request
 
+    async def cancels_sent(self, connection: Any, timeout: float) -> None:
+        # asyncpg sends a CancelRequest of its own when a statement's task is
+        # cancelled, and terminate() abandons it half-sent (private: _cancellations).
+        pending = [task for task in getattr(connection, "_cancellations", ()) if not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
     def locate_connect_error(
         self, error: BaseException, where: str, timeout: object
     ) -> Exception | None:

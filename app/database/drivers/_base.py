@@ -70,6 +70,9 @@ class Driver:
         """
         raise NotImplementedError
 
+    async def cancels_sent(self, connection: Any, timeout: float) -> None:
+        """Wait (at most `timeout` s) for CancelRequests the driver itself is sending."""
+
     def locate_connect_error(
         self, error: BaseException, where: str, timeout: object
     ) -> Exception | None:
