@@ -121,6 +121,16 @@ def engine_options(
         # check's "used moments ago" holds under load, and spare connections stay idle.
         options.setdefault("pool_use_lifo", True)
     driver = driver_for(url.get_dialect().driver)
+    creator = next((name for name in ("async_creator", "creator") if name in options), None)
+    if driver is not None and creator is not None:
+        # SQLAlchemy then ignores connect_args: every timeout, the pooler settings
+        # and psycopg's bounded connections would silently be gone.
+        raise DatabaseConfigError(
+            f"{creator}= bypasses connect_args, and with them the package's timeouts and "
+            "transaction-pooler settings: to set per-connection values (a rotating "
+            "password or token), listen for SQLAlchemy's 'do_connect' event on "
+            "session_manager.engine.sync_engine and update its cparams instead"
+        )
     if driver is not None:
         # Merged key by key, so that connect_args={"server_settings": ...} keeps them.
         connect_args = dict(options.get("connect_args") or {})

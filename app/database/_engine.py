@@ -50,6 +50,9 @@ def build_engine(
         engine = create_async_engine(parsed, **options)
     sync_engine = engine.sync_engine
     if driver is not None:
+        # First among the handle_error listeners: one that raises (the pooler
+        # detection) stops SQLAlchemy from calling those after it.
+        install_commit_guard(sync_engine, driver)
         remember_driver(sync_engine, driver)
         if cheap_liveness:
             install_liveness_check(sync_engine)
@@ -62,6 +65,4 @@ def build_engine(
         else:
             install_session_state_reset(sync_engine)
             install_pooler_detection(sync_engine, driver)
-    if engine.dialect.name == "postgresql":
-        install_commit_guard(sync_engine, driver)
     return engine

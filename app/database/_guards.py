@@ -22,10 +22,11 @@ from .drivers import Driver
 _FAILED = "app.database.statement_failed"
 
 
-def install_commit_guard(engine: Engine, driver: Driver | None) -> None:
+def install_commit_guard(engine: Engine, driver: Driver) -> None:
     """Make `engine` raise `TransactionAbortedError` instead of a silent failed COMMIT.
 
-    PostgreSQL only: SQLite and MySQL keep a transaction usable after an error.
+    PostgreSQL only (its drivers are the ones in drivers/): SQLite and MySQL keep a
+    transaction usable after an error.
     """
 
     def remember_failure(context: ExceptionContext) -> None:
@@ -36,7 +37,7 @@ def install_commit_guard(engine: Engine, driver: Driver | None) -> None:
             and connection.in_transaction()
             # Only an error PostgreSQL sent aborted the transaction: not one the
             # driver raised before sending, nor a statement the package refused.
-            and (driver or Driver()).sent_by_server(context.original_exception)
+            and driver.sent_by_server(context.original_exception)
         ):
             connection.info[_FAILED] = True
 

@@ -235,12 +235,7 @@ async def run_scenario(
     stop.set()
     writes = await load
     checked_out = await _checked_out_when_quiet(base_url)
-    observer = await asyncpg.connect(server.superuser_dsn())
-    try:
-        stored = {row["name"] for row in await observer.fetch("SELECT name FROM items")}
-        idle_in_transaction, backends = await _server_view(observer)
-    finally:
-        await observer.close()
+    stored, idle_in_transaction, backends = await _stored_and_server_view(server)
     return Figures(
         scenario=scenario,
         clients=clients,
@@ -286,6 +281,17 @@ async def _checked_out_when_quiet(base_url: str) -> int:
             if checked_out == 0 or time.monotonic() > deadline:
                 return checked_out
             await asyncio.sleep(0.05)
+
+
+async def _stored_and_server_view(server: FaultServer) -> tuple[set[str], int, int]:
+    """The names stored, and the app's backends idle in a transaction and in all."""
+    observer = await asyncpg.connect(server.superuser_dsn())
+    try:
+        stored = {row["name"] for row in await observer.fetch("SELECT name FROM items")}
+        idle_in_transaction, backends = await _server_view(observer)
+    finally:
+        await observer.close()
+    return stored, idle_in_transaction, backends
 
 
 async def _server_view(observer: asyncpg.Connection) -> tuple[int, int]:
@@ -370,12 +376,7 @@ async def run_load(
     stop.set()
     writes = [write for per_service in await load for write in per_service]
     checked_out = sum([await _checked_out_when_quiet(s.base_url) for s in services])
-    observer = await asyncpg.connect(server.superuser_dsn())
-    try:
-        stored = {row["name"] for row in await observer.fetch("SELECT name FROM items")}
-        idle_in_transaction, backends = await _server_view(observer)
-    finally:
-        await observer.close()
+    stored, idle_in_transaction, backends = await _stored_and_server_view(server)
     return LoadFigures(
         services=len(services),
         pool_size=pool_size,

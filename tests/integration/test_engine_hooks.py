@@ -13,7 +13,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 
 from app.database import DatabaseSessionManager
-from tests.drivers import application_name
+from app.database._closing import POOLER_CANCEL_TIMEOUT_SECONDS
+from tests.drivers import DRIVER, application_name
 from tests.postgres import count_backends
 
 APPLICATION = f"engine-hooks-{os.getpid()}"
@@ -73,3 +74,26 @@ async def test_a_cancelled_close_still_cuts_and_closes_every_connection(
             break
         await asyncio.sleep(0.02)
     assert await count_backends(observer, APPLICATION) == 0
+
+
+@pytest.mark.skipif(DRIVER != "psycopg", reason="psycopg's own waits with a timeout")
+async def test_a_psycopg_wait_with_its_own_timeout_is_not_a_statement_timeout(
+    database_url: URL,
+) -> None:
+    """notifies(timeout=...) ends as psycopg says; only the package's bound cuts a connection."""
+    manager = DatabaseSessionManager()
+    manager.init(url=database_url, transaction_pooler=True)
+    try:
+        async with manager.engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            psycopg_connection: Any = raw.driver_connection
+            # Longer behind a pooler: PgBouncer 1.18 exits on a cancel closed early.
+            assert psycopg_connection.cancel_timeout == POOLER_CANCEL_TIMEOUT_SECONDS
+            await psycopg_connection.set_autocommit(True)
+            await psycopg_connection.execute("SELECT 1")
+            received = [n async for n in psycopg_connection.notifies(timeout=0.2)]
+            assert received == []
+            assert not psycopg_connection.closed
+            await psycopg_connection.set_autocommit(False)
+    finally:
+        await manager.close()

@@ -207,3 +207,17 @@ async def test_timeouts_in_the_url_query_connect(database_url: URL) -> None:
                 assert command_timeout_of(raw.driver_connection) == 7.0
     finally:
         await manager.close()
+
+
+async def test_a_caught_failure_of_the_apps_own_prepared_statement_still_fails_the_commit(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection
+) -> None:
+    """EXECUTE of an unknown statement is the app's error, not a pooler's: the guard refuses."""
+    with pytest.raises(TransactionAbortedError):
+        async with committed_db.session() as db:
+            db.add(Item(name="lost-with-the-transaction"))
+            await db.flush()
+            with pytest.raises(DBAPIError):  # not TransactionPoolerError
+                await db.execute(text("EXECUTE no_such_statement"))
+
+    assert await _names(observer) == []

@@ -7,13 +7,22 @@ import re
 import pytest
 from sqlalchemy import make_url
 
-from app.database import DatabaseConfigError, DatabaseSessionManager, TransactionPoolerError
+from app.database import (
+    DatabaseConfigError,
+    DatabaseErrorKind,
+    DatabaseSessionManager,
+    TransactionPoolerError,
+)
 from app.database._config import engine_options
 from app.database._pooler import _refuse_session_state
 from app.database._session_statements import session_effects
+from app.database.drivers import driver_for
 
 ASYNCPG = make_url("postgresql+asyncpg://app@pooler.example/app")
 PSYCOPG = make_url("postgresql+psycopg://app@pooler.example/app")
+UNAVAILABLE = DatabaseErrorKind.UNAVAILABLE
+# How libpq reports a login the server refused.
+LOGIN = 'connection to server at "db", port 5432 failed: FATAL:  '
 
 
 def test_asyncpg_prepares_nothing_that_outlives_a_transaction() -> None:
@@ -116,3 +125,53 @@ def test_transaction_scoped_statements_pass(statement: str) -> None:
     """What ends with the transaction is safe behind a pooler and is sent as usual."""
     _refuse_session_state(None, None, statement)  # type: ignore[arg-type]
     assert all(not effect.outlives_transaction for effect in session_effects(statement))
+
+
+@pytest.mark.parametrize("creator", ["async_creator", "creator"])
+@pytest.mark.parametrize("url", [ASYNCPG, PSYCOPG], ids=["asyncpg", "psycopg"])
+def test_a_creator_that_would_bypass_the_drivers_settings_is_refused(
+    url: object, creator: str
+) -> None:
+    """SQLAlchemy ignores connect_args with a creator: refused, naming do_connect instead."""
+    with pytest.raises(DatabaseConfigError, match="do_connect"):
+        engine_options({creator: lambda: None}, make_url(str(url)), transaction_pooler=True)
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        (
+            'connection failed: connection to server at "db", port 5432 failed: Connection refused',
+            UNAVAILABLE,
+        ),
+        ("failed to resolve host 'db': [Errno -2] Name or service not known", UNAVAILABLE),
+        ("consuming input failed: server closed the connection unexpectedly", UNAVAILABLE),
+        (
+            f"{LOGIN}sorry, too many clients already",
+            UNAVAILABLE,
+        ),
+        (
+            f"{LOGIN}the database system is starting up",
+            UNAVAILABLE,
+        ),
+        (
+            f"{LOGIN}password authentication failed",
+            None,
+        ),
+        (
+            f"{LOGIN}no pg_hba.conf entry for host",
+            None,
+        ),
+        (
+            f'{LOGIN}unrecognized configuration parameter "x"',
+            None,
+        ),
+    ],
+)
+def test_psycopg_failures_without_sqlstate_are_told_apart(message: str, kind: object) -> None:
+    """Network failures and a full or starting server are outages; refused logins are not."""
+    import psycopg
+
+    driver = driver_for("psycopg")
+    assert driver is not None
+    assert driver.classify(psycopg.OperationalError(message)) is kind

@@ -56,6 +56,7 @@ class AsyncpgDriver(Driver):
     """asyncpg, the default driver."""
 
     name = "asyncpg"
+    prepared_statement_prefix = "__asyncpg_"
 
     def add_connect_defaults(
         self, connect_args: dict[str, Any], url: URL, *, transaction_pooler: bool

@@ -95,9 +95,20 @@ class Driver:
         sqlstate = getattr(error, "sqlstate", None)
         return isinstance(sqlstate, str) and len(sqlstate) == 5
 
+    prepared_statement_prefix: str = ""
+    """How the driver names the statements it prepares, e.g. `__asyncpg_stmt_`."""
+
     def is_prepared_statement_clash(self, error: BaseException) -> bool:
-        """Whether `error` is a prepared statement missing or duplicated by a pooler."""
+        """Whether `error` is one of the driver's prepared statements missing or duplicated.
+
+        The sign of a transaction pooler in the way; the application's own SQL
+        `EXECUTE` or `PREPARE` failing the same way is not.
+        """
         sqlstate = getattr(error, "sqlstate", None)
         # 26000 invalid_sql_statement_name ("does not exist"), 42P05
         # duplicate_prepared_statement ("already exists").
-        return sqlstate in ("26000", "42P05") and "prepared statement" in str(error)
+        return (
+            sqlstate in ("26000", "42P05")
+            and bool(self.prepared_statement_prefix)
+            and f'prepared statement "{self.prepared_statement_prefix}' in str(error)
+        )

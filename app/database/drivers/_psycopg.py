@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 from collections.abc import Coroutine
 from typing import Any
@@ -21,14 +22,13 @@ from psycopg import errors, generators, waiting
 from sqlalchemy.engine import URL
 
 from .._classify import DatabaseErrorKind
+from .._closing import CANCEL_TIMEOUT_SECONDS, POOLER_CANCEL_TIMEOUT_SECONDS, bounded
 from .._errors import DatabaseConfigError
 from ._base import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, Driver
 
 _STATUS = psycopg.pq.TransactionStatus
 # libpq counts connect_timeout in whole seconds, 2 at least.
 _MIN_CONNECT_TIMEOUT = 2
-# Bounds the CancelRequest's own connection (it may cross the same stalled network).
-_CANCEL_TIMEOUT_SECONDS = 0.5
 
 
 class CommandTimeoutError(psycopg.OperationalError):
@@ -39,6 +39,8 @@ class BoundedConnection(psycopg.AsyncConnection[Any]):
     """A psycopg connection whose waits on the server end after `command_timeout`."""
 
     command_timeout: float | None = COMMAND_TIMEOUT_SECONDS
+    # How long its CancelRequest may take: longer behind a pooler (_closing.py).
+    cancel_timeout: float = CANCEL_TIMEOUT_SECONDS
     _waits = 0  # waits in progress: a cut must not close the socket under one
     _cut = False
 
@@ -52,21 +54,21 @@ class BoundedConnection(psycopg.AsyncConnection[Any]):
             # backend runs its statement on. Let through at once, a cancellation makes
             # SQLAlchemy discard the connection, and the pool's terminate sends the
             # CancelRequest and cuts, bounded, in the order a pooler needs (_closing.py).
+            bound = self.command_timeout if timeout is None else timeout
             return await waiting.wait_async(
-                gen, self.pgconn.socket, interval=interval, timeout=timeout or self.command_timeout
+                gen, self.pgconn.socket, interval=interval, timeout=bound
             )
         except errors.OperationalError as error:
-            # psycopg's own wait timeout (a private subclass): anything else passes.
-            if type(error).__name__ != "_WaitTimeout":
+            # psycopg's own wait timeout (a private subclass), and only where the bound
+            # is ours: a caller's own (notifies(timeout=...)) ends its wait as psycopg says.
+            if type(error).__name__ != "_WaitTimeout" or timeout is not None:
                 raise
             # The CancelRequest first, then the cut: through a transaction pooler the
             # cancel is forwarded only while this client's connection is open.
             self._cut = True
             cancel = DRIVER.cancel_request(self)
             if cancel is not None:
-                from .._closing import bounded  # here: _closing imports the drivers
-
-                await bounded(cancel)
+                await bounded(cancel, self.cancel_timeout)
             _shutdown(self)
             raise CommandTimeoutError(
                 f"the server did not answer within {self.command_timeout} s "
@@ -88,7 +90,7 @@ def _shutdown(connection: psycopg.AsyncConnection[Any]) -> None:
             duplicate.shutdown(socket.SHUT_RDWR)
 
 
-def _connector(command_timeout: float | None) -> Any:
+def _connector(command_timeout: float | None, cancel_timeout: float) -> Any:
     async def connect(*args: Any, **kwargs: Any) -> BoundedConnection:
         try:
             connection = await BoundedConnection.connect(*args, **kwargs)
@@ -100,6 +102,7 @@ def _connector(command_timeout: float | None) -> Any:
             error.with_traceback(None)
             raise
         connection.command_timeout = command_timeout
+        connection.cancel_timeout = cancel_timeout
         return connection
 
     return connect
@@ -109,6 +112,7 @@ class PsycopgDriver(Driver):
     """psycopg 3 (`postgresql+psycopg://`)."""
 
     name = "psycopg"
+    prepared_statement_prefix = "_pg3_"
 
     def add_connect_defaults(
         self, connect_args: dict[str, Any], url: URL, *, transaction_pooler: bool
@@ -119,10 +123,15 @@ class PsycopgDriver(Driver):
         if "async_creator_fn" in connect_args:
             raise DatabaseConfigError(
                 "connect_args['async_creator_fn'] would replace the package's bounded "
-                "psycopg connections: pass `async_creator=` to init() instead"
+                "psycopg connections: to set per-connection values (a rotating token), "
+                "listen for SQLAlchemy's 'do_connect' event on "
+                "session_manager.engine.sync_engine and update its cparams"
             )
         command_timeout = connect_args.pop("command_timeout", COMMAND_TIMEOUT_SECONDS)
-        connect_args["async_creator_fn"] = _connector(command_timeout)
+        cancel_timeout = (
+            POOLER_CANCEL_TIMEOUT_SECONDS if transaction_pooler else CANCEL_TIMEOUT_SECONDS
+        )
+        connect_args["async_creator_fn"] = _connector(command_timeout, cancel_timeout)
         if transaction_pooler:
             # psycopg prepares a statement on the server after 5 executions; through a
             # pooler the next transaction may run where it does not exist, or exists.
@@ -141,12 +150,13 @@ class PsycopgDriver(Driver):
     def has_pending_input(self, connection: Any) -> bool:
         # psycopg reads only when asked, so a connection the server closed while it
         # sat in the pool still looks open; what the server sent then is unread.
-        with contextlib.suppress(OSError, ValueError):
-            import select
-
-            readable, _, _ = select.select([connection.pgconn.socket], [], [], 0)
-            return bool(readable)
-        return True
+        # poll(), not select(): select() fails on descriptors past 1023.
+        try:
+            poller = select.poll()
+            poller.register(connection.pgconn.socket, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError, psycopg.Error):
+            return True  # cannot tell: let the ping decide
 
     def in_transaction(self, connection: Any) -> bool:
         # Anything but IDLE (between transactions) or UNKNOWN (connection gone).
@@ -224,23 +234,33 @@ class PsycopgDriver(Driver):
     def classify(self, error: BaseException) -> DatabaseErrorKind | None:
         if isinstance(error, CommandTimeoutError):
             return DatabaseErrorKind.TIMEOUT
-        if isinstance(error, psycopg.OperationalError) and (
-            getattr(error, "sqlstate", None) is None
-        ):
-            # No SQLSTATE: libpq's own failures (refused, unresolvable, timed out,
-            # connection lost mid-command).
-            message = str(error)
-            if "authentication failed" in message or "does not exist" in message:
-                return None  # configuration, not an outage
+        if not isinstance(error, psycopg.OperationalError) or error.sqlstate is not None:
+            return None
+        # No SQLSTATE: libpq's own failures. The network's (refused, unresolvable,
+        # timed out, lost mid-command) are outages; a server that refused the login
+        # (FATAL) is one only when it is full or not up yet. Authentication, a missing
+        # database, pg_hba, a bad setting: configuration, left to be a 500.
+        message = str(error)
+        if "FATAL" not in message or any(sign in message for sign in _SERVER_NOT_READY):
             return DatabaseErrorKind.UNAVAILABLE
         return None
 
 
+# What PostgreSQL says when it refuses a login it would take later.
+_SERVER_NOT_READY = (
+    "too many clients",
+    "too many connections",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+)
+
+
 async def _send_cancel(cancel_connection: Any) -> None:
+    # Bounded by the caller (_closing.bounded), whose timeout depends on the deployment.
     try:
-        await waiting.wait_conn_async(
-            generators.cancel(cancel_connection), timeout=_CANCEL_TIMEOUT_SECONDS
-        )
+        await waiting.wait_conn_async(generators.cancel(cancel_connection))
     finally:
         cancel_connection.finish()
 
