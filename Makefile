@@ -52,7 +52,9 @@ lint: venv
 # Two xdist workers, each on its own database (and, for tests/faults, its own
 # private PostgreSQL cluster and PgBouncer). The whole suite runs on asyncpg, then
 # the tiers that touch a database (integration, faults) again on psycopg: the
-# driver is chosen by TEST_DRIVER (tests/drivers.py).
+# driver is chosen by TEST_DRIVER (tests/drivers.py). About 2.5 + 2 minutes of
+# pytest on two cores (486 and 320 tests; `.ci/run` on a fresh clone, both
+# SQLAlchemy series, about 10 minutes).
 PSYCOPG_TIERS := tests/integration tests/faults
 test: lint pgbouncer
 	$(BIN)/pytest -n 2
@@ -73,9 +75,9 @@ test-sqlalchemy-2.0: $(VENV20)/.installed pgbouncer
 # The fault scenarios for about a minute each under 50 writers, on a private
 # PostgreSQL cluster (initdb into a temporary directory), the same through a private
 # PgBouncer in transaction mode plus a minute of 4 services sharing it, then 1,000
-# cancellations per style on a database of its own on 127.0.0.1:5432: one line of
-# figures per scenario, non-zero exit if a promise broke. About 21 minutes; see
-# README, "Reliability".
+# cancellations per style on a database of its own on 127.0.0.1:5432, directly and
+# through a PgBouncer: one line of figures per scenario, non-zero exit if a promise
+# broke. About 25 minutes; see README, "Reliability".
 soak: venv pgbouncer
 	$(BIN)/python -m tests.faults.soak
 	$(BIN)/python -m tests.faults.soak --pgbouncer
