@@ -138,7 +138,7 @@ class DatabaseSessionManager:
 
     @contextmanager
     def _sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:
-        """For `testing.py`: every `session()` joins `connection`'s open transaction.
+        """For `testing/`: every `session()` joins `connection`'s open transaction.
 
         Each session works in a savepoint, so its commit() releases the savepoint
         and its rollback() rolls back to it; the outer transaction stays intact.

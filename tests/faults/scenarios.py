@@ -214,12 +214,7 @@ async def run_scenario(
     With `pgbouncer`, `scenario` names one of `POOLER_FAULTS`, and `proxy` is the
     one between the service and that PgBouncer.
     """
-    # The observer connects afresh each time: the fault may kill its connections too.
-    observer = await asyncpg.connect(server.superuser_dsn())
-    try:
-        await observer.execute("TRUNCATE items")
-    finally:
-        await observer.close()
+    await _truncate_items(server)
     stop = asyncio.Event()
     started = time.monotonic()
     load = asyncio.create_task(write_until(base_url, clients, stop))
@@ -281,6 +276,15 @@ async def _checked_out_when_quiet(base_url: str) -> int:
             if checked_out == 0 or time.monotonic() > deadline:
                 return checked_out
             await asyncio.sleep(0.05)
+
+
+async def _truncate_items(server: FaultServer) -> None:
+    # The observer connects afresh each time: the fault may kill its connections too.
+    observer = await asyncpg.connect(server.superuser_dsn())
+    try:
+        await observer.execute("TRUNCATE items")
+    finally:
+        await observer.close()
 
 
 async def _stored_and_server_view(server: FaultServer) -> tuple[set[str], int, int]:
@@ -360,11 +364,7 @@ async def run_load(
     seconds: float,
 ) -> LoadFigures:
     """Write from `clients` clients, spread over `services`, for `seconds`; no fault."""
-    observer = await asyncpg.connect(server.superuser_dsn())
-    try:
-        await observer.execute("TRUNCATE items")
-    finally:
-        await observer.close()
+    await _truncate_items(server)
     stop = asyncio.Event()
     shares = [
         clients // len(services) + (i < clients % len(services)) for i in range(len(services))
