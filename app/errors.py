@@ -2,6 +2,11 @@
 
 A body names the class of problem only, never the exception's text, which may
 carry SQL, parameter values or host names.
+
+A `TransactionAbortedError` (the route caught a database error and carried on, so
+COMMIT was refused and nothing was written) answers as the failure it was caused
+by would have: a swallowed unique violation is still a 409. Catching it was a bug,
+so it is logged with its traceback, whose cause names the failed statement.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc
 
-from app.database import DatabaseErrorKind, classify_error
+from app.database import DatabaseErrorKind, TransactionAbortedError, classify_error
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ DATABASE_ERROR_TYPES: tuple[type[Exception], ...] = (
     asyncpg.InterfaceError,
     OSError,  # ConnectionError, socket.gaierror, and TimeoutError
     asyncio.TimeoutError,  # a class of its own on Python 3.10
+    TransactionAbortedError,  # classified by its cause, the statement that failed first
 )
 
 
@@ -63,7 +69,20 @@ async def database_error_response(request: Request, error: Exception) -> JSONRes
     if kind is None:
         raise error
     answer = _POOL_EXHAUSTED if isinstance(error, exc.TimeoutError) else _ANSWERS[kind]
-    if answer.status >= 500:
+    if isinstance(error, TransactionAbortedError):
+        # The route's bug, whatever the answer: the traceback chain names the statement
+        # that failed first (its parameters hidden by hide_parameters=True). An
+        # unclassified cause was re-raised above, and the server logs it as a 500.
+        logger.error(
+            "%s %s answered %d: the route caught a database error (%s) and carried on, "
+            "so the transaction was aborted and nothing was written",
+            request.method,
+            request.url.path,
+            answer.status,
+            kind.value,
+            exc_info=error,
+        )
+    elif answer.status >= 500:
         # The class name only: the message may carry SQL, values or host names.
         logger.warning(
             "%s %s answered %d: database %s (%s)",

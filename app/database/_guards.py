@@ -13,13 +13,16 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from ._errors import TransactionAbortedError
 from .drivers import Driver
 
-# Kept in Connection.info, which belongs to the pooled DBAPI connection; it is
-# cleared whenever a transaction begins, so it never outlives one transaction.
-_FAILED = "app.database.statement_failed"
+# The transaction's first failed statement, kept in Connection.info (which belongs to
+# the pooled DBAPI connection) to be the refusal's cause. It holds the exception's
+# traceback, and so its frames: dropped when the transaction ends (COMMIT, ROLLBACK,
+# or a rollback to a savepoint, which heals it) and, in case, when one begins.
+_FAILED = "app.database.first_failure"
 
 
 def install_commit_guard(engine: Engine, driver: Driver) -> None:
@@ -39,26 +42,42 @@ def install_commit_guard(engine: Engine, driver: Driver) -> None:
             # driver raised before sending, nor a statement the package refused.
             and driver.sent_by_server(context.original_exception)
         ):
-            connection.info[_FAILED] = True
+            # SQLAlchemy's wrapper, which names the statement (its parameters hidden
+            # under hide_parameters) and keeps the driver's error as `.orig`. The first
+            # failure only: later statements fail because the transaction is aborted.
+            connection.info.setdefault(
+                _FAILED, context.sqlalchemy_exception or context.original_exception
+            )
 
     event.listen(engine, "begin", _forget_failure)
+    event.listen(engine, "rollback", _forget_failure)
     event.listen(engine, "rollback_savepoint", _forget_failure)
+    # A connection lost mid-transaction is rolled back without one to reach the info
+    # through; its pool entry keeps that info until it reconnects.
+    event.listen(engine, "invalidate", _forget_failure_of_entry)
     event.listen(engine, "handle_error", remember_failure)
     event.listen(engine, "commit", _refuse_failed_commit)
 
 
 def _forget_failure(connection: Connection, *_: Any) -> None:
     # Rolling back to a savepoint taken before the error heals the transaction.
-    connection.info.pop(_FAILED, None)
+    if not (connection.invalidated or connection.closed):  # else .info would raise
+        connection.info.pop(_FAILED, None)
+
+
+def _forget_failure_of_entry(_: Any, entry: ConnectionPoolEntry, *__: Any) -> None:
+    entry.info.pop(_FAILED, None)
 
 
 def _refuse_failed_commit(connection: Connection) -> None:
-    if connection.info.pop(_FAILED, False):
+    failure: BaseException | None = connection.info.pop(_FAILED, None)
+    if failure is not None:
         # SQLAlchemy marks the transaction finished even when its commit raises, and
         # then skips the pool's reset: end the aborted transaction here, or the next
         # checkout would inherit it.
         connection.engine.dialect.do_rollback(connection.connection)
-        raise TransactionAbortedError(_ABORTED)
+        # Its cause: the statement that failed, and classify_error's answer.
+        raise TransactionAbortedError(_ABORTED) from failure
 
 
 class GuardedSession(Session):
@@ -77,10 +96,12 @@ def _refuse_aborted_unit_of_work(session: Session) -> None:
     # Checked before the session starts committing, so that a refusal leaves its
     # transaction (or, in test isolation, its savepoint) to be rolled back normally.
     transaction = session.get_transaction()
-    if transaction is not None and any(
-        connection.info.get(_FAILED) for connection in _connections_of(transaction)
-    ):
-        raise TransactionAbortedError(_ABORTED)
+    if transaction is None:
+        return
+    for connection in _connections_of(transaction):
+        failure: BaseException | None = connection.info.get(_FAILED)
+        if failure is not None:
+            raise TransactionAbortedError(_ABORTED) from failure
 
 
 _ABORTED = (

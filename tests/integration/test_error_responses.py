@@ -7,6 +7,8 @@ own (`get_db` overridden), so failures at COMMIT reach the handlers too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,10 +18,16 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.database import AsyncSessionDep, DatabaseSessionManager, get_db
+from app.database import (
+    AsyncSessionDep,
+    DatabaseSessionManager,
+    TransactionAbortedError,
+    get_db,
+)
 from app.errors import install_error_handlers
 from app.main import create_app
 from tests.drivers import DRIVERNAME
@@ -69,6 +77,17 @@ def _failing_app(terminate: Callable[[int], object]) -> FastAPI:
     @app.post("/duplicate")
     async def duplicate(db: AsyncSessionDep) -> None:
         await insert_duplicate(db)
+
+    # The mistake of catching a database error and carrying on: COMMIT is refused.
+    @app.post("/duplicate-caught")
+    async def duplicate_caught(db: AsyncSessionDep) -> None:
+        with contextlib.suppress(exc.DBAPIError):
+            await insert_duplicate(db)
+
+    @app.post("/null-caught")
+    async def null_caught(db: AsyncSessionDep) -> None:
+        with contextlib.suppress(exc.DBAPIError):
+            await insert_null(db)
 
     @app.post("/orphan-checked-at-commit")
     async def orphan_checked_at_commit(db: AsyncSessionDep) -> None:
@@ -162,6 +181,41 @@ async def test_violation_at_commit_answers_409(client: httpx.AsyncClient) -> Non
     response = await client.post("/orphan-checked-at-commit")
 
     assert (response.status_code, response.json()) == (409, CONFLICT)
+
+
+async def test_caught_conflict_answers_409_and_logs_the_statement(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A route that swallowed a duplicate key: nothing was written, it answers as the conflict.
+
+    The bug is logged with the exception chain, which names the failed statement.
+    """
+    with caplog.at_level(logging.ERROR, logger="app.errors"):
+        response = await client.post("/duplicate-caught")
+
+    assert response.status_code == 409
+    assert response.json() == CONFLICT
+    [record] = [record for record in caplog.records if record.name == "app.errors"]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], TransactionAbortedError)
+    assert "INSERT INTO errors_parent VALUES (1, 0)" in caplog.text
+
+
+async def test_caught_unclassified_error_stays_a_500_naming_the_statement(
+    failing_app: FastAPI, manager: DatabaseSessionManager
+) -> None:
+    """A swallowed not-null violation (a bug) fails the request with a 500 whose cause is it."""
+    async with _client(failing_app, manager) as client:
+        assert (await client.post("/null-caught")).status_code == 500
+
+    # What the server logs: the refusal, caused by the statement that failed.
+    failing_app.dependency_overrides[get_db] = _sessions_of(manager)
+    transport = httpx.ASGITransport(app=failing_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        with pytest.raises(TransactionAbortedError) as raised:
+            await client.post("/null-caught")
+    assert "INSERT INTO errors_parent VALUES (3, NULL)" in str(raised.value.__cause__)
 
 
 async def test_serialization_failure_answers_503_with_retry_after(

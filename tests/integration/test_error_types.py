@@ -7,6 +7,7 @@ happen at COMMIT, or between two connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ from functools import partial
 
 import asyncpg
 import pytest
-from sqlalchemy import exc, select
+from sqlalchemy import exc, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,6 +24,7 @@ from app.database import (
     DatabaseErrorKind,
     DatabaseSessionManager,
     PoolExhaustedError,
+    TransactionAbortedError,
     classify_error,
 )
 from app.models import Item
@@ -111,6 +113,38 @@ async def test_violation_reported_at_commit_is_a_conflict(manager: DatabaseSessi
 
     assert isinstance(error, exc.IntegrityError)
     assert classify_error(error) is DatabaseErrorKind.CONFLICT
+
+
+@pytest.mark.parametrize("through", ["session", "connection"])
+async def test_a_caught_conflict_is_the_cause_of_the_refused_commit(
+    manager: DatabaseSessionManager, through: str
+) -> None:
+    """A swallowed unique violation fails the COMMIT: its cause, named and classified, is kept.
+
+    The first failure is the cause, not a later statement's "transaction is aborted";
+    it names the statement (not its parameters), so the kind is still CONFLICT.
+    """
+
+    async def swallow(execute: Callable[..., Awaitable[object]]) -> None:
+        # The mistake under test: code catching database errors and carrying on.
+        with contextlib.suppress(exc.DBAPIError):
+            await execute(text("INSERT INTO errors_parent VALUES (:id, 0)"), {"id": 1})
+        with contextlib.suppress(exc.DBAPIError):
+            await execute(text("SELECT 1"))
+
+    with pytest.raises(TransactionAbortedError, match=re.escape("begin_nested()")) as raised:
+        if through == "session":
+            async with manager.session() as db:
+                await swallow(db.execute)
+        else:  # the engine-level guard, for connections used without a session
+            async with manager.engine.begin() as connection:
+                await swallow(connection.execute)
+
+    cause = raised.value.__cause__
+    assert isinstance(cause, exc.IntegrityError), repr(cause)
+    assert "INSERT INTO errors_parent VALUES (" in str(cause)
+    assert "hidden due to hide_parameters" in str(cause)
+    assert classify_error(raised.value) is DatabaseErrorKind.CONFLICT
 
 
 async def test_not_null_violation_is_left_unclassified(manager: DatabaseSessionManager) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,6 +20,7 @@ from app.database import (
 )
 from app.models import Item
 from tests.drivers import DRIVER, command_timeout_of
+from tests.integration.failing_work import terminate_backend
 from tests.postgres import checked_out, idle_in_transaction
 
 
@@ -111,6 +113,33 @@ async def test_failed_statement_fails_the_unit_of_work(
         assert await _names(observer) == ["next-unit"]
     finally:
         await manager.close()
+
+
+@pytest.mark.parametrize("end", ["rolled-back", "connection-lost"])
+async def test_a_caught_failure_is_not_kept_past_its_transaction(
+    committed_db: DatabaseSessionManager, observer: asyncpg.Connection, end: str
+) -> None:
+    """The remembered first failure (and its traceback's frames) goes when the transaction does.
+
+    At its ROLLBACK, or when its connection is lost: not only at the pooled
+    connection's next BEGIN, so it does not rest in the pool.
+    """
+    with pytest.raises((LookupError, DBAPIError)):
+        async with committed_db.session() as db:
+            info: dict[Any, Any] = (await db.connection()).info
+            pid = await db.scalar(text("SELECT pg_backend_pid()"))
+            before = set(info)
+            with contextlib.suppress(DBAPIError):
+                await db.execute(text("SELECT 1/0"))
+            remembered = set(info) - before
+            assert remembered, "the commit guard remembers the failure in the connection's info"
+            if end == "connection-lost":
+                await terminate_backend(observer, pid)
+                await db.execute(text("SELECT 1"))
+            raise LookupError("the code gives up")
+
+    assert checked_out(committed_db) == 0
+    assert remembered.isdisjoint(info), {key: info[key] for key in remembered & set(info)}
 
 
 # A statement the driver refuses before sending anything: asyncpg cannot encode 'abc'
