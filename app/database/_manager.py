@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -57,6 +58,8 @@ class DatabaseSessionManager:
         self._engine: AsyncEngine | None = None
         self._drain: Drain | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        # One per close() still draining an engine, set when its drain is over.
+        self._draining: set[asyncio.Event] = set()
 
     def __repr__(self) -> str:
         if self._engine is None:
@@ -97,16 +100,28 @@ class DatabaseSessionManager:
         New sessions are refused at once. Units of work already holding a
         connection get `grace` seconds to finish; the connections still in use
         then are cut, so their work fails and is rolled back by the server.
+        Every call returns only once every drain in progress is over, including one
+        a concurrent call started (whose `grace` then applies, not this call's).
         """
         engine, drain = self._engine, self._drain
-        if engine is None or drain is None:
-            return
-        # Refuse new sessions before awaiting, so none starts on a pool being disposed.
-        self._engine = None
-        self._drain = None
-        self._sessionmaker = None
-        self._state = _State.CLOSED
-        await drain.close(grace)
+        if engine is not None and drain is not None:
+            # Refuse new sessions before awaiting, so none starts on a pool being disposed.
+            self._engine = None
+            self._drain = None
+            self._sessionmaker = None
+            self._state = _State.CLOSED
+            drained = asyncio.Event()
+            self._draining.add(drained)
+            try:
+                # Cancelled, it still cuts the connections and disposes before raising.
+                await drain.close(grace)
+            finally:
+                self._draining.discard(drained)
+                drained.set()
+        # A signal handler's and the lifespan's close() may overlap, and init() may
+        # have reopened the manager meanwhile: wait for the other calls' drains too.
+        for other in list(self._draining):
+            await other.wait()
 
     @property
     def engine(self) -> AsyncEngine:

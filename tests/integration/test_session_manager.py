@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
@@ -201,6 +201,70 @@ async def test_close_refuses_new_sessions_and_init_reopens(database_url: URL) ->
             assert await db.scalar(select(1)) == 1
     finally:
         await manager.close()
+
+
+@pytest.mark.parametrize("case", ["work-finishes", "first-close-cancelled", "reopened"])
+async def test_concurrent_close_calls_return_only_once_the_drain_is_done(
+    database_url: URL, case: str
+) -> None:
+    """A second close() (a signal handler's and the lifespan's) waits for the first's drain.
+
+    Whether the unit of work holding a connection finishes, or the first close() is
+    cancelled (its connection is then cut), or the manager was reopened in between:
+    every call returns only once that connection is back or cut and the engine is gone.
+    """
+    manager = DatabaseSessionManager()
+    manager.init(url=database_url)
+    events: list[str] = []
+    sync_engine = manager.engine.sync_engine
+    event.listen(sync_engine, "checkin", lambda *_: events.append("connection returned"))
+    event.listen(sync_engine, "invalidate", lambda *_: events.append("connection cut"))
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def unit_of_work() -> None:
+        async with manager.session() as db:
+            await db.execute(text("SELECT 1"))
+            holding.set()
+            await release.wait()
+
+    async def closer(name: str) -> None:
+        try:
+            await manager.close(grace=60)
+        except asyncio.CancelledError:
+            events.append(f"{name} cancelled")
+            raise
+        events.append(f"{name} returned")
+
+    work = asyncio.create_task(unit_of_work())
+    await holding.wait()
+    first = asyncio.create_task(closer("first close"))
+    await asyncio.sleep(0)  # the first close() is now waiting for the unit of work
+    if case == "reopened":
+        manager.init(url=database_url)
+    second = asyncio.create_task(closer("second close"))
+    await asyncio.sleep(0)  # the second has run up to its first wait, or returned
+    if case == "first-close-cancelled":
+        first.cancel()
+    else:
+        release.set()
+    await asyncio.wait({first, second})
+    until_closed = list(events)
+    release.set()
+    outcomes = await asyncio.gather(work, first, second, return_exceptions=True)
+
+    if case == "first-close-cancelled":
+        assert until_closed == ["connection cut", "first close cancelled", "second close returned"]
+        assert isinstance(outcomes[1], asyncio.CancelledError)
+    else:
+        assert until_closed == [
+            "connection returned",
+            "first close returned",
+            "second close returned",
+        ]
+        assert list(outcomes) == [None, None, None]
+    assert sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    with pytest.raises(DatabaseNotInitializedError):
+        _ = manager.engine
 
 
 async def test_error_healed_by_a_savepoint_still_commits(
