@@ -57,7 +57,10 @@ def install_pooler_detection(engine: Engine, driver: Driver) -> None:
 
 def _refuse_session_state(_: Connection, __: Any, statement: str, *___: Any) -> None:
     for effect in session_effects(statement):
-        if effect.outlives_transaction:
+        # Let through: a DO block, as most change nothing outside their transaction
+        # (README, "Known limits"), and RESET, DISCARD and UNLISTEN, which leave
+        # the server connection as a new one.
+        if effect.leaks:
             raise TransactionPoolerError(
                 f"refused before sending: this statement changes session state "
                 f"({effect.kind}), which behind a transaction pooler would leak to "

@@ -3,6 +3,9 @@
 Each statement's text is checked for one that can outlive its transaction (a
 session-level `SET`, `set_config(..., false)`, an advisory lock, `LISTEN`, ...);
 only a connection that ran one pays a reset, one round trip, as it returns to the pool.
+The reset returns the connection to the state the service's own connect-time setup
+left it in (a `connect` listener's `SET ROLE` or `search_path`), not to a bare login:
+that state is read once per connection, at its first checkout.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 from sqlalchemy.util import await_only
 
@@ -20,6 +24,8 @@ from .drivers import driver_of
 # What the pooled connection's `info` records: "reset" (one message puts it back
 # to new) or "discard" (nothing can undo it: close the connection).
 _CHANGED = "app.database.session_state_changed"
+# The statements that restore what connect-time setup set (CONNECT_STATE_SQL).
+_CONNECT_STATE = "app.database.connect_state"
 _RESET = "reset"
 _DISCARD = "discard"
 
@@ -42,11 +48,33 @@ RESET_SQL = (
 # Like the liveness ping: a stalled network must not hang the request's exit.
 RESET_TIMEOUT_SECONDS = 5.0
 
+# What a new connection looks like once connect-time setup ran, written by the server
+# as the statements that restore it after RESET_SQL (quoted by format(); '' when there
+# is nothing to restore): the session user if SET SESSION AUTHORIZATION changed it,
+# the settings set at session level, the role (not in pg_settings), the channels
+# listened to. Read before any transaction of the service's own began, since
+# pg_settings shows a SET LOCAL as "session" too. transaction_* settings apply only
+# inside a transaction.
+CONNECT_STATE_SQL = """SELECT pg_catalog.concat_ws('; ',
+ (SELECT pg_catalog.format('SET SESSION AUTHORIZATION %I', a.usename) FROM (SELECT
+   pg_catalog.current_setting('session_authorization') AS usename) AS a
+   WHERE a.usename <> (SELECT usename FROM pg_catalog.pg_stat_activity
+                       WHERE pid = pg_catalog.pg_backend_pid())),
+ (SELECT pg_catalog.string_agg(pg_catalog.format(
+     'SELECT pg_catalog.set_config(%L, %L, false)', name, setting), '; ' ORDER BY name)
+   FROM pg_catalog.pg_settings
+   WHERE source = 'session' AND name NOT LIKE 'transaction\\_%'),
+ (SELECT pg_catalog.format('SET ROLE %I', r.role) FROM (SELECT
+   pg_catalog.current_setting('role') AS role) AS r WHERE r.role <> 'none'),
+ (SELECT pg_catalog.string_agg(pg_catalog.format('LISTEN %I', channel), '; ')
+   FROM pg_catalog.pg_listening_channels() AS channel))"""
+
 
 def install_session_state_reset(engine: Engine) -> None:
     """Reset each connection that changed session state as it returns to the pool."""
+    event.listen(engine, "checkout", _read_connect_state)  # the engine's pool
     event.listen(engine, "before_cursor_execute", _note_session_change)
-    event.listen(engine, "reset", _reset_session_state)  # the engine's pool
+    event.listen(engine, "reset", _reset_session_state)
 
 
 def session_effect(statement: str) -> str | None:
@@ -62,6 +90,23 @@ def _note_session_change(connection: Connection, _cursor: Any, statement: str, *
     effect = session_effect(statement)
     if effect is not None and connection.info.get(_CHANGED) != _DISCARD:
         connection.info[_CHANGED] = effect  # the pooled connection's record: kept until reset
+
+
+def _read_connect_state(dbapi_connection: Any, record: ConnectionPoolEntry, _: Any) -> None:
+    # At the first checkout, not in a `connect` listener: the service's own connect
+    # listeners, added after init(), run after any of the package's. One round trip
+    # per new connection (two on asyncpg), none after; `info` ends with the connection.
+    if _CONNECT_STATE in record.info:
+        return
+    driver, connection = driver_of(record), dbapi_connection.driver_connection
+    try:
+        state = await_only(driver.fetch_value(connection, CONNECT_STATE_SQL, RESET_TIMEOUT_SECONDS))
+    except Exception as error:
+        # The pool discards this connection and tries another, as for a failed ping.
+        raise DisconnectionError(
+            f"reading its session state failed: {type(error).__name__}"
+        ) from error
+    record.info[_CONNECT_STATE] = state or ""
 
 
 def _reset_session_state(
@@ -83,7 +128,9 @@ def _reset_session_state(
             dbapi_connection.rollback()
         if driver.in_transaction(connection):
             raise RuntimeError("the connection is still inside a transaction")
-        await_only(driver.run_simple(connection, RESET_SQL, RESET_TIMEOUT_SECONDS))
+        restore = record.info.get(_CONNECT_STATE)
+        reset = f"{RESET_SQL}; {restore}" if restore else RESET_SQL
+        await_only(driver.run_simple(connection, reset, RESET_TIMEOUT_SECONDS))
     except Exception as error:
         # Failed, timed out, or the connection is gone: never return it dirty.
         record.invalidate(error)

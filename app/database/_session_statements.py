@@ -2,9 +2,10 @@
 
 Read from the statement's text, for two uses: a connection that ran one is reset
 as it returns to the pool (`_session_state.py`), and behind a transaction pooler
-one is refused before it is sent (`_pooler.py`). Not seen: state changed inside
-functions or `DO` bodies, `SELECT ... INTO TEMP` and `CREATE TABLE pg_temp.x`
-(README, "Session state").
+one is refused before it is sent (`_pooler.py`). A `DO` block counts as one
+whatever its body does: its body cannot be read reliably, and the reset it may
+cost is rare. Not seen: state changed inside a function or procedure (README,
+"Known limits").
 """
 
 from __future__ import annotations
@@ -16,17 +17,28 @@ from dataclasses import dataclass
 _LEAD = r"(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*"
 # Statements whose effect outlives the transaction, by their first words. SET LOCAL,
 # SET TRANSACTION and SET CONSTRAINTS end with the transaction: not counted. RESET,
-# UNLISTEN, DEALLOCATE, CLOSE and DISCARD only move back towards a new session.
+# DISCARD and UNLISTEN move back towards a new session, which undoes what the
+# service's connect-time setup did (a SET ROLE): counted, as "undo".
+# DEALLOCATE and CLOSE only drop what the request itself made.
 _SESSION_STATEMENT = re.compile(
     rf"(?:\A|;){_LEAD}(?:"
     r"(?P<set>SET)\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)"
     r"|(?P<listen>LISTEN)\b|(?P<prepare>PREPARE)\b|(?P<declare>DECLARE)\b"
     r"|(?P<temp>CREATE\s+(?:OR\s+REPLACE\s+)?(?:(?:LOCAL|GLOBAL)\s+)?TEMP(?:ORARY)?)\b"
-    r"|(?P<load>LOAD)\b)",
+    r"|(?P<load>LOAD)\b|(?P<do>DO)\b|(?P<undo>RESET|DISCARD|UNLISTEN)\b)",
     re.IGNORECASE | re.DOTALL,
 )
 # A cheap first look: could the text start with one of those words (or a comment)?
-_STARTS_WITH_KEYWORD = re.compile(r"\s*(?:set|listen|prepare|declare|create|load|--|/\*)")
+_STARTS_WITH_KEYWORD = re.compile(
+    r"\s*(?:set|listen|prepare|declare|create|load|do|reset|discard|unlisten|--|/\*)"
+)
+# Temporary tables made without the word TEMP at the start: SELECT ... INTO TEMP t,
+# and anything created in the temporary schema by name (CREATE TABLE pg_temp.t).
+_TEMP_ANYWHERE = re.compile(
+    r"\binto\s+(?:temp|temporary)\b"
+    r'|\bcreate\b[^;]*?(?<![\w$])"?pg_temp(?:_\d+)?"?\s*\.',
+    re.IGNORECASE | re.DOTALL,
+)
 # Functions with a session-level effect, anywhere in a statement (not the _xact_
 # advisory locks, which end with the transaction).
 _SESSION_FUNCTION = re.compile(
@@ -49,9 +61,19 @@ class SessionEffect:
     """One construct in a statement that changes session state."""
 
     kind: str
-    """"set", "set_config", "advisory_lock", "listen", "prepare", "declare", "temp", "load"."""
+    """"set", "set_config", "advisory_lock", "listen", "prepare", "declare", "temp", "load",
+    "do" (may change anything), "undo" (RESET, DISCARD, UNLISTEN)."""
     outlives_transaction: bool
     """False for a cursor without WITH HOLD and a temp table ON COMMIT DROP."""
+
+    @property
+    def leaks(self) -> bool:
+        """Whether it surely leaves state behind that another session would not have.
+
+        Not a `DO` block, which may or may not, nor an "undo", which returns
+        towards a new session's state: both still cost a reset here.
+        """
+        return self.outlives_transaction and self.kind not in ("do", "undo")
 
     @property
     def resettable(self) -> bool:
@@ -68,6 +90,9 @@ def session_effects(statement: str) -> list[SessionEffect]:
         for match in _SESSION_STATEMENT.finditer(lowered):
             kind = match.lastgroup or ""
             effects.append(SessionEffect(kind, _outlives(kind, lowered, match.end())))
+    if "temp" in lowered:
+        for match in _TEMP_ANYWHERE.finditer(lowered):
+            effects.append(SessionEffect("temp", _outlives("temp", lowered, match.end())))
     if "set_config" in lowered or "advisory_lock" in lowered:
         for match in _SESSION_FUNCTION.finditer(lowered):
             if match.group("set_config") and _is_local(lowered, match.end()):

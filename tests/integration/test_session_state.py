@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, text
+from sqlalchemy import TextClause, event, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SAWarning
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -68,6 +68,11 @@ STATE_CHANGES = {
     "prepare": "PREPARE h3_state_statement AS SELECT 1",
     "temp-table": "CREATE TEMP TABLE h3_state_table (x int)",
     "held-cursor": "DECLARE h3_state_cursor CURSOR WITH HOLD FOR SELECT 1",
+    # A DO body is not read: any DO block costs a reset.
+    "do-search-path": "DO $$BEGIN SET search_path TO pg_catalog; END$$",
+    "do-execute-timeout": "DO $$BEGIN EXECUTE 'SET statement_timeout = 4321'; END$$",
+    "select-into-temp": "SELECT 1 AS x INTO TEMP h3_state_selected",
+    "pg-temp-table": "CREATE TABLE pg_temp.h3_state_named (x int)",
 }
 
 
@@ -107,7 +112,7 @@ async def manager_fixture(
     await manager.close()
 
 
-def _app(statement: str) -> FastAPI:
+def _app(statement: str, probe_query: TextClause = PROBE) -> FastAPI:
     app = FastAPI()
 
     @app.post("/change")
@@ -116,7 +121,7 @@ def _app(statement: str) -> FastAPI:
 
     @app.get("/probe")
     async def probe(db: AsyncSessionDep) -> dict[str, Any]:
-        return dict((await db.execute(PROBE)).mappings().one())
+        return dict((await db.execute(probe_query)).mappings().one())
 
     return app
 
@@ -202,6 +207,127 @@ async def test_an_advisory_lock_left_held_by_a_request_is_free_for_another_conne
     assert await _backend_open(observer, pid)
     assert await observer.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY) is True
     assert await observer.fetchval("SELECT pg_advisory_unlock($1)", LOCK_KEY) is True
+
+
+# The multi-tenant recipe: each connection enters its tenant's schema and role once,
+# when it is made; a row-level-security policy then shows the role its own rows only.
+TENANT_ROLE = f"h3_tenant_role_{os.getpid()}"
+TENANT_SCHEMA = "h3_tenant"
+TENANT_PROBE = text(
+    "SELECT pg_backend_pid() AS pid, current_setting('search_path') AS search_path,"
+    " current_user::text AS current_user,"
+    " current_setting('statement_timeout') AS statement_timeout,"
+    " (SELECT count(*) FROM pg_listening_channels()) AS listening,"
+    f" (SELECT count(*) FROM {TENANT_SCHEMA}.notes) AS visible_notes"
+)
+
+
+@pytest.fixture(name="tenant_schema", scope="module")
+async def tenant_schema_fixture(database_url: URL) -> AsyncIterator[None]:
+    """A schema whose notes table lets TENANT_ROLE see 1 of its 2 rows; dropped afterwards."""
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await connection.execute(f"DROP ROLE IF EXISTS {TENANT_ROLE}")  # left by a crashed run
+        await connection.execute(
+            f"CREATE ROLE {TENANT_ROLE};"
+            f" CREATE SCHEMA {TENANT_SCHEMA};"
+            f" GRANT USAGE ON SCHEMA {TENANT_SCHEMA} TO {TENANT_ROLE};"
+            f" CREATE TABLE {TENANT_SCHEMA}.notes (tenant text, body text);"
+            f" GRANT SELECT ON {TENANT_SCHEMA}.notes TO {TENANT_ROLE};"
+            f" ALTER TABLE {TENANT_SCHEMA}.notes ENABLE ROW LEVEL SECURITY;"
+            f" CREATE POLICY own_notes ON {TENANT_SCHEMA}.notes USING (tenant = current_user);"
+            f" INSERT INTO {TENANT_SCHEMA}.notes VALUES ('{TENANT_ROLE}', 'mine'), ('other', 'x')"
+        )
+        yield
+    finally:
+        await connection.execute(
+            f"DROP SCHEMA IF EXISTS {TENANT_SCHEMA} CASCADE; DROP ROLE IF EXISTS {TENANT_ROLE}"
+        )
+        await connection.close()
+
+
+def _enter_tenant(dbapi_connection: Any, _: Any) -> None:
+    # SQLAlchemy's recipe for per-connection setup: in autocommit, so that it lasts.
+    dbapi_connection.autocommit = True
+    cursor = dbapi_connection.cursor()
+    for statement in (
+        f"SET search_path TO {TENANT_SCHEMA}",
+        f"SET ROLE {TENANT_ROLE}",
+        "SET statement_timeout = '54s'",
+        "LISTEN h3_tenant_events",
+    ):
+        cursor.execute(statement)
+    cursor.close()
+    dbapi_connection.autocommit = False
+
+
+@pytest.fixture(name="tenant_client")
+async def tenant_client_fixture(
+    database_url: URL, tenant_schema: None, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[[str], Awaitable[dict[str, Any]]]]:
+    """Sends "change:<statement>" or "probe" as requests, on one connection set up as the tenant."""
+    manager = await _open_manager(database_url)
+    event.listen(manager.engine.sync_engine, "connect", _enter_tenant)
+    monkeypatch.setattr(_fastapi, "session_manager", manager)
+
+    async def send(step: str) -> dict[str, Any]:
+        statement = step.removeprefix("change:")
+        transport = httpx.ASGITransport(app=_app(statement, TENANT_PROBE))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            if step.startswith("change:"):
+                (await client.post("/change")).raise_for_status()
+                return {}
+            response = await client.get("/probe")
+            response.raise_for_status()
+            probed: dict[str, Any] = response.json()
+            return probed
+
+    try:
+        yield send
+    finally:
+        await manager.close()
+
+
+TENANT_CHANGES = {
+    "advisory-lock": f"SELECT pg_advisory_lock({LOCK_KEY})",
+    "search-path": "SET search_path TO public",
+    "reset-role": "RESET ROLE",
+    "reset-all": "RESET ALL",
+    "role-none": "SET ROLE NONE",
+    "session-authorization": "SET SESSION AUTHORIZATION DEFAULT",
+    "unlisten": "UNLISTEN *",
+    "do-reset-role": "DO $$BEGIN EXECUTE 'RESET ROLE'; END$$",
+}
+
+
+@pytest.mark.parametrize("statement", TENANT_CHANGES.values(), ids=TENANT_CHANGES.keys())
+async def test_a_reset_keeps_the_services_connect_time_setup(
+    tenant_client: Callable[[str], Awaitable[dict[str, Any]]], statement: str
+) -> None:
+    """After the reset the next request is the tenant again: row-level security still holds."""
+    before = await tenant_client("probe")
+    assert before["current_user"] == TENANT_ROLE, before
+    assert before["visible_notes"] == 1, before
+    await tenant_client(f"change:{statement}")
+    after = await tenant_client("probe")
+
+    assert after["pid"] == before["pid"], "not the same backend: the test proves nothing"
+    assert after == before
+
+
+async def test_a_reset_to_a_bare_login_would_bypass_row_level_security(
+    tenant_client: Callable[[str], Awaitable[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control: without the connect-time state restored, the login role sees every row."""
+    monkeypatch.setattr(session_state, "CONNECT_STATE_SQL", "SELECT ''")
+    before = await tenant_client("probe")
+    await tenant_client(f"change:SELECT pg_advisory_lock({LOCK_KEY})")
+    after = await tenant_client("probe")
+
+    assert after["pid"] == before["pid"]
+    assert before["visible_notes"] == 1, before
+    assert after["visible_notes"] == 2, after
+    assert after["current_user"] != TENANT_ROLE
 
 
 @pytest.mark.parametrize(
@@ -518,6 +644,18 @@ async def test_a_garbage_collected_connection_is_discarded_without_a_reset(
         ("CREATE LOCAL TEMPORARY TABLE t (x int)", "reset"),
         ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", "reset"),
         ("SELECT 1; SET x = 1", "reset"),
+        ("DO $$BEGIN SET search_path TO s; END$$", "reset"),
+        ("do $$begin execute 'SET statement_timeout = 4321'; end$$", "reset"),
+        ("SELECT 1 AS x INTO TEMP t", "reset"),
+        ("SELECT * INTO TEMPORARY TABLE t FROM items", "reset"),
+        ("CREATE TABLE pg_temp.t (x int)", "reset"),
+        ('CREATE UNLOGGED TABLE "pg_temp".t (x int)', "reset"),
+        ("CREATE VIEW pg_temp_3.v AS SELECT 1", "reset"),
+        # They undo the service's connect-time setup (a SET ROLE): reset to restore it.
+        ("RESET ALL", "reset"),
+        ("reset role", "reset"),
+        ("DISCARD ALL", "reset"),
+        ("UNLISTEN *", "reset"),
         ("LOAD 'auto_explain'", "discard"),
         ("SET LOCAL app.tenant_id = '1'", None),
         ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
@@ -531,7 +669,11 @@ async def test_a_garbage_collected_connection_is_discarded_without_a_reset(
         ("INSERT INTO settings (name) VALUES ('SET x')", None),
         ("SELECT name FROM items WHERE name LIKE 'LISTEN%'", None),
         ("CREATE TABLE t (x int)", None),
-        ("RESET ALL", None),
+        ("INSERT INTO items (id) VALUES (1) ON CONFLICT DO NOTHING", None),
+        ("SELECT * INTO items_copy FROM items", None),
+        ("SELECT temperature FROM readings", None),
+        ("SELECT * FROM pg_temp.t", None),
+        ("DEALLOCATE p", None),
     ],
 )
 def test_statements_are_told_apart_by_their_session_effect(

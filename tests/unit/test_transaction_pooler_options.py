@@ -97,6 +97,8 @@ def test_pooler_flag_must_be_a_boolean() -> None:
         ("CREATE TEMP TABLE t (x int)", "ON COMMIT DROP"),
         ("LOAD 'auto_explain'", "session_preload_libraries"),
         ("SELECT 1; SET x.y = 1", "SET LOCAL"),
+        ("SELECT 1 AS x INTO TEMP t", "ON COMMIT DROP"),
+        ("CREATE TABLE pg_temp.t (x int)", "ON COMMIT DROP"),
     ],
 )
 def test_session_level_statements_are_refused_naming_the_alternative(
@@ -119,12 +121,31 @@ def test_session_level_statements_are_refused_naming_the_alternative(
         "CREATE TEMP TABLE t (x int) ON COMMIT DROP",
         "NOTIFY jobs",
         "SELECT 'SET x = 1'",
+        "CREATE TABLE pg_temp.t (x int) ON COMMIT DROP",
     ],
 )
 def test_transaction_scoped_statements_pass(statement: str) -> None:
     """What ends with the transaction is safe behind a pooler and is sent as usual."""
     _refuse_session_state(None, None, statement)  # type: ignore[arg-type]
     assert all(not effect.outlives_transaction for effect in session_effects(statement))
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DO $$BEGIN PERFORM pg_notify('jobs', 'x'); END$$",
+        "RESET search_path",
+        "DISCARD TEMP",
+        "UNLISTEN *",
+    ],
+)
+def test_statements_that_leave_no_state_for_another_client_pass(statement: str) -> None:
+    """A DO block may change nothing; RESET, DISCARD and UNLISTEN leave a new session's state.
+
+    Both still cost a reset without a pooler (tests/integration/test_session_state.py).
+    """
+    _refuse_session_state(None, None, statement)  # type: ignore[arg-type]
+    assert session_effects(statement), "not seen at all: the reset would miss it"
 
 
 @pytest.mark.parametrize("creator", ["async_creator", "creator"])

@@ -93,6 +93,11 @@ class AsyncpgDriver(Driver):
         # execute() without arguments uses the simple protocol: one message, no prepare.
         await connection.execute(sql, timeout=timeout)
 
+    async def fetch_value(self, connection: Any, sql: str, timeout: float) -> Any:
+        # The extended protocol (asyncpg has no other way to return rows): two round
+        # trips the first time, one once its statement cache holds it.
+        return await connection.fetchval(sql, timeout=timeout)
+
     def cut(self, connection: Any) -> None:
         connection.terminate()
 

@@ -58,6 +58,13 @@ class Driver:
         """Send `sql` (one or more statements) as one simple-protocol message, bounded."""
         raise NotImplementedError
 
+    async def fetch_value(self, connection: Any, sql: str, timeout: float) -> Any:
+        """The first column of the first row `sql` returns (None if none), bounded.
+
+        Outside a transaction it runs in one of its own; inside one, in that one.
+        """
+        raise NotImplementedError
+
     def cut(self, connection: Any) -> None:
         """Drop the connection at once, without waiting for the server to answer."""
         raise NotImplementedError

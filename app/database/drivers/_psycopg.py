@@ -164,14 +164,23 @@ class PsycopgDriver(Driver):
         return status in (_STATUS.INTRANS, _STATUS.INERROR, _STATUS.ACTIVE)
 
     async def run_simple(self, connection: Any, sql: str, timeout: float) -> None:
+        await self._execute(connection, sql, timeout, fetch=False)
+
+    async def fetch_value(self, connection: Any, sql: str, timeout: float) -> Any:
+        return await self._execute(connection, sql, timeout, fetch=True)
+
+    async def _execute(self, connection: Any, sql: str, timeout: float, *, fetch: bool) -> Any:
         # Without parameters and prepare=False psycopg sends one simple Query message;
         # in autocommit mode, without a BEGIN of its own first (which would put the
-        # reset inside a transaction that the pool's rollback then undoes).
+        # reset inside a transaction that the pool's rollback then undoes). Inside a
+        # transaction already (left open by a connect listener), it runs in that one.
         usual_timeout = getattr(connection, "command_timeout", None)
         if isinstance(connection, BoundedConnection):
             # Bounded by the connection's own timeout, which cuts it cleanly on expiry.
             connection.command_timeout = min(usual_timeout or timeout, timeout)
-        await connection.set_autocommit(True)  # client-side only: the connection is idle
+        idle = connection.pgconn.transaction_status == _STATUS.IDLE
+        if idle:
+            await connection.set_autocommit(True)  # client-side only: the connection is idle
         try:
             async with connection.cursor() as cursor:
                 if isinstance(connection, BoundedConnection):
@@ -181,10 +190,12 @@ class PsycopgDriver(Driver):
                     await cursor.execute(sql, prepare=False)
                 else:
                     await asyncio.wait_for(cursor.execute(sql, prepare=False), timeout * 2)
+                row = await cursor.fetchone() if fetch else None
+                return None if row is None else row[0]
         finally:
             # Not after a cancellation that left the statement running (ACTIVE): psycopg
             # would raise, replacing the cancellation; the caller discards the connection.
-            if connection.pgconn.transaction_status == _STATUS.IDLE:
+            if idle and connection.pgconn.transaction_status == _STATUS.IDLE:
                 await connection.set_autocommit(False)
             if isinstance(connection, BoundedConnection):
                 connection.command_timeout = usual_timeout
