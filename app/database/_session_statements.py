@@ -90,7 +90,7 @@ def session_effects(statement: str) -> list[SessionEffect]:
         for match in _SESSION_STATEMENT.finditer(lowered):
             kind = match.lastgroup or ""
             effects.append(SessionEffect(kind, _outlives(kind, lowered, match.end())))
-    if "temp" in lowered:
+    if "pg_temp" in lowered or ("temp" in lowered and "into" in lowered):
         for match in _TEMP_ANYWHERE.finditer(lowered):
             effects.append(SessionEffect("temp", _outlives("temp", lowered, match.end())))
     if "set_config" in lowered or "advisory_lock" in lowered:
