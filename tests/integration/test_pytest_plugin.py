@@ -139,7 +139,8 @@ def _project(
     server: URL,
     *,
     asyncio_mode: str | None = "auto",
-    test_loop_scope: str = "session",
+    fixture_loop_scope: str | None = "session",
+    test_loop_scope: str | None = "session",
     conftest: str = 'pytest_plugins = ["app.database.testing.pytest_plugin"]',
 ) -> None:
     """An inner project using the plugin on `server`: ini, conftest and the notes model."""
@@ -147,12 +148,17 @@ def _project(
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
     monkeypatch.delenv("TEST_DATABASE_URL", raising=False)
     mode = f"asyncio_mode = {asyncio_mode}" if asyncio_mode else ""
+    # None leaves the setting out, to pytest-asyncio's default.
+    fixture_scope = (
+        f"asyncio_default_fixture_loop_scope = {fixture_loop_scope}" if fixture_loop_scope else ""
+    )
+    test_scope = f"asyncio_default_test_loop_scope = {test_loop_scope}" if test_loop_scope else ""
     pytester.makeini(
         f"""
         [pytest]
         {mode}
-        asyncio_default_fixture_loop_scope = session
-        asyncio_default_test_loop_scope = {test_loop_scope}
+        {fixture_scope}
+        {test_scope}
         filterwarnings = error
         test_database_url = {server.render_as_string(hide_password=False)}
         """
@@ -251,14 +257,75 @@ async def test_commit_outside_the_isolation_is_reported_at_the_end(
     )
 
 
-async def test_mismatched_loop_scope_is_a_clear_error(
-    inner: InnerProject,
-) -> None:
-    """Tests on per-function event loops would cross the engine's loop: refused, not hung."""
-    result = inner.run(files={"test_notes": NOTES_TESTS}, test_loop_scope="function")
+# A function-scoped async fixture of the project's own, on the run's database: on an
+# event loop of its own it would fail with "attached to a different loop".
+FIXTURE_LOOP_TESTS = (
+    """
+import pytest
+from sqlalchemy import func, select
 
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(['*asyncio_default_test_loop_scope = "session"*'])
+from probe_notes import Note
+
+
+@pytest.fixture
+async def note_count(db_session):
+    return await db_session.scalar(select(func.count()).select_from(Note))
+"""
+    + NOTES_TESTS
+    + """
+
+async def test_c_a_fixture_of_the_project_own_shares_the_loop(note_count):
+    assert note_count == 0
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("fixture_loop_scope", "test_loop_scope", "to_change"),
+    [
+        (None, "session", ['asyncio_default_fixture_loop_scope = "session"*unset*']),
+        ("function", "session", ['asyncio_default_fixture_loop_scope = "session"*function*']),
+        ("fixture-scope", "session", ['asyncio_default_fixture_loop_scope = "session"*']),
+        ("session", None, ['asyncio_default_test_loop_scope = "session"*function*']),
+        ("session", "function", ['asyncio_default_test_loop_scope = "session"*function*']),
+        (
+            None,
+            None,
+            ['*asyncio_default_fixture_loop_scope = "session"*asyncio_default_test_loop_scope*'],
+        ),
+        ("session", "session", None),
+    ],
+    ids=[
+        "fixture-unset",
+        "fixture-function",
+        "fixture-scope",
+        "test-unset",
+        "test-function",
+        "both-unset",
+        "both-session",
+    ],
+)
+async def test_loop_scopes_are_checked_before_the_run(
+    inner: InnerProject,
+    fixture_loop_scope: str | None,
+    test_loop_scope: str | None,
+    to_change: list[str] | None,
+) -> None:
+    """Either loop scope other than session would cross the engine's loop: refused, naming it.
+
+    Checked at start-up, not found later as "attached to a different loop".
+    """
+    result = inner.run(
+        files={"test_notes": FIXTURE_LOOP_TESTS},
+        fixture_loop_scope=fixture_loop_scope,
+        test_loop_scope=test_loop_scope,
+    )
+
+    if to_change is None:
+        result.assert_outcomes(passed=3)
+        return
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines([f"*{line}" for line in to_change])
 
 
 async def test_connection_left_checked_out_fails_only_that_test(

@@ -49,20 +49,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# tryfirst: ahead of pytest-asyncio's own check, whose warning about an unset fixture
+# loop scope is an INTERNALERROR under `filterwarnings = error`.
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     # The engine lives for the whole run on the session's event loop (the fixtures
-    # below say so themselves); a test on another loop would hang or fail deep in
-    # the driver, so refuse that configuration before anything runs.
+    # below say so themselves); a test, or an async fixture of the project's own, on
+    # another loop would fail deep in the driver ("attached to a different loop",
+    # "another operation is in progress"), so refuse that before anything runs.
     try:
-        test_loop_scope = config.getini("asyncio_default_test_loop_scope")
+        scopes = {option: config.getini(option) for option in LOOP_SCOPE_OPTIONS}
     except ValueError:
         raise pytest.UsageError(
             "app.database.testing.pytest_plugin needs pytest-asyncio >= 1.0: install it"
         ) from None
-    if test_loop_scope != "session":
+    wrong = [
+        f'{option} = "session" (now {"unset" if scope is None else repr(scope)})'
+        for option, scope in scopes.items()
+        if scope != "session"
+    ]
+    if wrong:
         raise pytest.UsageError(
-            "app.database.testing.pytest_plugin shares one engine across the run: set "
-            'asyncio_default_test_loop_scope = "session" in your pytest configuration'
+            "app.database.testing.pytest_plugin shares one engine, on one event loop, "
+            f"across the run: set {' and '.join(wrong)} in your pytest configuration"
         )
 
 
