@@ -1,13 +1,15 @@
-"""Alembic, driven by the tests: on a connection they hold, or as the `alembic` command."""
+"""Alembic, driven by the tests: on what they hand env.py, or as the `alembic` command."""
 
 from __future__ import annotations
 
 import os
+from typing import TypeAlias
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import inspect
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tests.paths import REPO_ROOT
 from tests.subprocesses import Result, run_python
@@ -18,15 +20,19 @@ def alembic_config() -> Config:
     return Config(REPO_ROOT / "alembic.ini")
 
 
-def _on(connection: Connection) -> Config:
+Connectable: TypeAlias = Connection | Engine | AsyncConnection | AsyncEngine
+"""What env.py accepts in `config.attributes["connection"]` instead of DATABASE_URL."""
+
+
+def _on(connection: Connectable) -> Config:
     config = alembic_config()
-    # env.py migrates this connection instead of opening its own engine.
+    # env.py migrates this instead of opening its own engine.
     config.attributes["connection"] = connection
     return config
 
 
-def upgrade(connection: Connection, revision: str = "head") -> None:
-    """Upgrade the database behind `connection` to `revision`; for `run_sync`."""
+def upgrade(connection: Connectable, revision: str = "head") -> None:
+    """Upgrade the database behind `connection` to `revision`; for `run_sync` too."""
     command.upgrade(_on(connection), revision)
 
 
