@@ -3,6 +3,9 @@
 A body names the class of problem only, never the exception's text, which may
 carry SQL, parameter values or host names.
 
+A `CommitOutcomeUnknownError` (the connection broke after COMMIT was sent) is a
+503 without Retry-After: the write may be stored, so a blind retry could apply it twice.
+
 A `TransactionAbortedError` (the route caught a database error and carried on, so
 COMMIT was refused and nothing was written) answers as the failure it was caused
 by would have: a swallowed unique violation is still a 409. Catching it was a bug,
@@ -20,7 +23,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc
 
-from app.database import DatabaseErrorKind, TransactionAbortedError, classify_error
+from app.database import (
+    CommitOutcomeUnknownError,
+    DatabaseErrorKind,
+    TransactionAbortedError,
+    classify_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,7 @@ DATABASE_ERROR_TYPES: tuple[type[Exception], ...] = (
     OSError,  # ConnectionError, socket.gaierror, and TimeoutError
     asyncio.TimeoutError,  # a class of its own on Python 3.10
     TransactionAbortedError,  # classified by its cause, the statement that failed first
+    CommitOutcomeUnknownError,  # the connection broke after COMMIT was sent
 )
 
 
@@ -58,6 +67,11 @@ _ANSWERS = {
     # Likely to take as long again: no invitation to retry.
     DatabaseErrorKind.TIMEOUT: _Answer(504, "the database did not answer in time"),
 }
+# The write may or may not be stored: no invitation to retry, which could apply it
+# twice; the client must check, or resend with an idempotency key of its own.
+_OUTCOME_UNKNOWN = _Answer(
+    503, "the database connection was lost while committing: the request may have been applied"
+)
 # Every pooled connection was busy (PoolExhaustedError, or the pool's own error
 # outside a unit of work): the burst that caused it drains within moments.
 _POOL_EXHAUSTED = _Answer(503, "the service is at capacity; retry shortly", 1)
@@ -68,7 +82,12 @@ async def database_error_response(request: Request, error: Exception) -> JSONRes
     kind = classify_error(error)
     if kind is None:
         raise error
-    answer = _POOL_EXHAUSTED if isinstance(error, exc.TimeoutError) else _ANSWERS[kind]
+    if isinstance(error, exc.TimeoutError):
+        answer = _POOL_EXHAUSTED
+    elif isinstance(error, CommitOutcomeUnknownError):
+        answer = _OUTCOME_UNKNOWN
+    else:
+        answer = _ANSWERS[kind]
     if isinstance(error, TransactionAbortedError):
         # The route's bug, whatever the answer: the traceback chain names the statement
         # that failed first (its parameters hidden by hide_parameters=True). An

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ._base import Base
 from ._classify import DatabaseErrorKind, classify_error
 from ._errors import (
+    CommitOutcomeUnknownError,
     DatabaseAlreadyInitializedError,
     DatabaseConfigError,
     DatabaseNotInitializedError,
@@ -21,25 +22,37 @@ from ._errors import (
 from ._manager import DatabaseSessionManager, session_manager
 
 if TYPE_CHECKING:
-    from ._fastapi import AsyncSessionDep, get_db
+    from ._fastapi import (
+        AsyncSessionDep,
+        RetryingRoute,
+        get_db,
+        retrying_route_class,
+        session_dependency,
+    )
 
 __all__ = [
     "AsyncSessionDep",
     "Base",
+    "CommitOutcomeUnknownError",
     "DatabaseAlreadyInitializedError",
     "DatabaseConfigError",
     "DatabaseErrorKind",
     "DatabaseNotInitializedError",
     "DatabaseSessionManager",
     "PoolExhaustedError",
+    "RetryingRoute",
     "TransactionAbortedError",
     "TransactionPoolerError",
     "classify_error",
     "get_db",
+    "retrying_route_class",
+    "session_dependency",
     "session_manager",
 ]
 
-_FASTAPI_NAMES = frozenset({"AsyncSessionDep", "get_db"})
+_FASTAPI_NAMES = frozenset(
+    {"AsyncSessionDep", "RetryingRoute", "get_db", "retrying_route_class", "session_dependency"}
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -84,6 +84,15 @@ def classify_error(error: BaseException) -> DatabaseErrorKind | None:
     return None
 
 
+def sqlstate_of(error: BaseException) -> str | None:
+    """The first SQLSTATE in `error`'s chain (`.orig` and causes); None if none."""
+    for link in _chain(error):
+        sqlstate = _sqlstate(link)
+        if sqlstate is not None:
+            return sqlstate
+    return None
+
+
 def _chain(error: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     pending: list[BaseException] = [error]

@@ -24,6 +24,14 @@ class TransactionAbortedError(RuntimeError):
     """COMMIT was attempted after a statement in the same transaction had failed."""
 
 
+class CommitOutcomeUnknownError(RuntimeError):
+    """The connection was lost, or timed out, after COMMIT was sent: it may have committed.
+
+    Its `__cause__` is the driver's failure. Never retried by the package: running
+    the work again could apply it twice.
+    """
+
+
 class TransactionPoolerError(RuntimeError):
     """A statement cannot work behind a transaction pooler, or one is in the way.
 

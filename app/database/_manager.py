@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
@@ -16,15 +16,22 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
+from ._classify import DatabaseErrorKind, classify_error, sqlstate_of
 from ._drain import Drain
 from ._engine import build_engine
 from ._errors import (
+    CommitOutcomeUnknownError,
     DatabaseAlreadyInitializedError,
     DatabaseConfigError,
     DatabaseNotInitializedError,
+    TransactionAbortedError,
 )
 from ._exhaustion import pool_exhaustion_explained
 from ._guards import GuardedSession
+from ._retry import DEFAULT_ATTEMPTS, check_attempts, run_with_retries
+from ._transaction_options import transaction_options
+
+T = TypeVar("T")
 
 # expire_on_commit=False: attributes stay loaded after commit, so a route can return
 # a committed object without an implicit (and, in async, illegal) reload.
@@ -131,13 +138,23 @@ class DatabaseSessionManager:
         return self._engine
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
+    async def session(
+        self,
+        *,
+        isolation_level: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+    ) -> AsyncIterator[AsyncSession]:
         """One unit of work: commit on clean exit, roll back on any exception.
 
         Cancellation counts as an exception. The session is always closed, which
         returns its connection to the pool; the pool rolls back anything left open.
         The block is left only once that is done, even when cancelled.
+        `isolation_level` ("SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED"),
+        `read_only` and `deferrable` apply to this unit's transaction only. A
+        connection lost at COMMIT raises `CommitOutcomeUnknownError`.
         """
+        options = transaction_options(isolation_level, read_only, deferrable)
         if self._sessionmaker is None:
             raise self._not_open_error()
         # The pool's timeout becomes PoolExhaustedError, whose message names the fixes.
@@ -146,10 +163,43 @@ class DatabaseSessionManager:
             # through cancellations (SQLAlchemy >= 2.0.58, the floor in pyproject.toml):
             # the block is left only once the connection is back in the pool.
             async with self._sessionmaker() as session:
+                # Not in a session joined to a test's open transaction (bound to its
+                # connection): a level cannot change mid-transaction, the test's applies.
+                if options and not isinstance(session.bind, AsyncConnection):
+                    await session.connection(execution_options=options)
                 yield session
                 # Reached only when the block did not raise: commit whatever is pending,
                 # including work done after an explicit commit() inside the block.
-                await session.commit()
+                await _commit(session)
+
+    async def run_in_transaction(
+        self,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+        isolation_level: str | None = None,
+        read_only: bool = False,
+        deferrable: bool = False,
+    ) -> T:
+        """`await work(session)` in a unit of work, run again whole if it loses a conflict.
+
+        A serialization failure (40001) or deadlock (40P01), raised by a statement
+        or by COMMIT, rolls the attempt back; `work` then runs again in a new unit
+        of work, after a short random wait, up to `attempts` times in all. The
+        last attempt's error propagates. `work` must have no side effect outside
+        the database except through `on_commit`, which runs once, for the attempt
+        that committed.
+        """
+        attempts = check_attempts(attempts)
+        transaction_options(isolation_level, read_only, deferrable)  # refused before any attempt
+
+        async def attempt() -> T:
+            async with self.session(
+                isolation_level=isolation_level, read_only=read_only, deferrable=deferrable
+            ) as session:
+                return await work(session)
+
+        return await run_with_retries(attempt, attempts, getattr(work, "__qualname__", "work"))
 
     @contextmanager
     def _sessions_joining(self, connection: AsyncConnection) -> Iterator[None]:
@@ -182,6 +232,27 @@ class DatabaseSessionManager:
             "`session_manager.init(url=...)` at start-up, for example in your "
             "FastAPI lifespan, before using the database"
         )
+
+
+async def _commit(session: AsyncSession) -> None:
+    try:
+        await session.commit()
+    except TransactionAbortedError:
+        raise  # refused before COMMIT was sent
+    except Exception as error:
+        # The connection broke (class 08: asyncpg also gives its own broken-socket
+        # error 08003) or timed out on the client, after COMMIT went out: no answer,
+        # so it may have committed. Any other error is the server's answer: rolled back.
+        kind = classify_error(error)
+        sqlstate = sqlstate_of(error)
+        lost = kind in (DatabaseErrorKind.UNAVAILABLE, DatabaseErrorKind.TIMEOUT)
+        if lost and (sqlstate is None or sqlstate.startswith("08")):
+            raise CommitOutcomeUnknownError(
+                "the connection was lost before COMMIT was answered: the transaction "
+                "may or may not have committed, so it is not retried; check the data, "
+                "or make the work idempotent (an idempotency key) before running it again"
+            ) from error
+        raise
 
 
 session_manager = DatabaseSessionManager()
