@@ -9,7 +9,8 @@ A `CommitOutcomeUnknownError` (the connection broke after COMMIT was sent) is a
 A `TransactionAbortedError` (the route caught a database error and carried on, so
 COMMIT was refused and nothing was written) answers as the failure it was caused
 by would have: a swallowed unique violation is still a 409. Catching it was a bug,
-so it is logged with its traceback, whose cause names the failed statement.
+so it is logged with the failed statement and its SQLSTATE (not the driver's
+message, which can carry row values).
 """
 
 from __future__ import annotations
@@ -89,17 +90,20 @@ async def database_error_response(request: Request, error: Exception) -> JSONRes
     else:
         answer = _ANSWERS[kind]
     if isinstance(error, TransactionAbortedError):
-        # The route's bug, whatever the answer: the traceback chain names the statement
-        # that failed first (its parameters hidden by hide_parameters=True). An
-        # unclassified cause was re-raised above, and the server logs it as a 500.
+        # The route's bug, whatever the answer: name the statement that failed first
+        # (its parameters hidden by hide_parameters=True) and its SQLSTATE. Not the
+        # traceback: the driver's message carries row values ("Key (email)=(...)").
+        # An unclassified cause was re-raised above, and the server logs it as a 500.
+        first = error.__cause__
         logger.error(
-            "%s %s answered %d: the route caught a database error (%s) and carried on, "
-            "so the transaction was aborted and nothing was written",
+            "%s %s answered %d: the route caught a database error (%s, SQLSTATE %s, in %r) "
+            "and carried on, so the transaction was aborted and nothing was written",
             request.method,
             request.url.path,
             answer.status,
             kind.value,
-            exc_info=error,
+            getattr(getattr(first, "orig", None), "sqlstate", None),
+            getattr(first, "statement", None),
         )
     elif answer.status >= 500:
         # The class name only: the message may carry SQL, values or host names.

@@ -30,7 +30,8 @@ _ALTERNATIVES = {
     "not through the pooler",
     "prepare": "send the statement with bound parameters instead of SQL PREPARE",
     "declare": "declare the cursor without WITH HOLD and read it inside the transaction",
-    "temp": "create it with ON COMMIT DROP, so that it ends with the transaction",
+    "temp": "create it with ON COMMIT DROP (CREATE TEMP TABLE t ON COMMIT DROP AS SELECT ... "
+    "in place of SELECT ... INTO TEMP), so that it ends with the transaction",
     "load": "load the library for every session on the server (session_preload_libraries)",
 }
 

@@ -10,16 +10,18 @@ that state is read once per connection, at its first checkout.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolResetState
 from sqlalchemy.util import await_only
 
 from ._session_statements import session_effects
 from .drivers import driver_of
+
+logger = logging.getLogger("app.database")
 
 # What the pooled connection's `info` records: "reset" (one message puts it back
 # to new) or "discard" (nothing can undo it: close the connection).
@@ -49,30 +51,31 @@ RESET_SQL = (
 RESET_TIMEOUT_SECONDS = 5.0
 
 # What a new connection looks like once connect-time setup ran, written by the server
-# as the statements that restore it after RESET_SQL (quoted by format(); '' when there
-# is nothing to restore): the session user if SET SESSION AUTHORIZATION changed it,
-# the settings set at session level, the role (not in pg_settings), the channels
-# listened to. Read before any transaction of the service's own began, since
-# pg_settings shows a SET LOCAL as "session" too. transaction_* settings apply only
-# inside a transaction.
+# as the statements that restore it after RESET_SQL (quoted by format()): the settings
+# set at session level, first, while the login user may still set any it could; then
+# the session user (allowed: it is the login user, or the login user is a superuser),
+# the role (not in pg_settings), the channels listened to. Read before any transaction
+# of the service's own began, since pg_settings shows a SET LOCAL as "session" too.
+# transaction_* settings apply only inside a transaction. Custom (dotted) settings are
+# not in pg_settings at all: not restored (README, "Known limits").
 CONNECT_STATE_SQL = """SELECT pg_catalog.concat_ws('; ',
- (SELECT pg_catalog.format('SET SESSION AUTHORIZATION %I', a.usename) FROM (SELECT
-   pg_catalog.current_setting('session_authorization') AS usename) AS a
-   WHERE a.usename <> (SELECT usename FROM pg_catalog.pg_stat_activity
-                       WHERE pid = pg_catalog.pg_backend_pid())),
  (SELECT pg_catalog.string_agg(pg_catalog.format(
      'SELECT pg_catalog.set_config(%L, %L, false)', name, setting), '; ' ORDER BY name)
    FROM pg_catalog.pg_settings
-   WHERE source = 'session' AND name NOT LIKE 'transaction\\_%'),
+   WHERE source = 'session' AND pg_catalog.left(name, 12) <> 'transaction_'),
+ pg_catalog.format('SET SESSION AUTHORIZATION %I',
+   pg_catalog.current_setting('session_authorization')),
  (SELECT pg_catalog.format('SET ROLE %I', r.role) FROM (SELECT
    pg_catalog.current_setting('role') AS role) AS r WHERE r.role <> 'none'),
  (SELECT pg_catalog.string_agg(pg_catalog.format('LISTEN %I', channel), '; ')
    FROM pg_catalog.pg_listening_channels() AS channel))"""
+_UNREAD = None  # the connect state could not be read: such a connection is never reset
 
 
 def install_session_state_reset(engine: Engine) -> None:
     """Reset each connection that changed session state as it returns to the pool."""
-    event.listen(engine, "checkout", _read_connect_state)  # the engine's pool
+    if not isinstance(engine.pool, NullPool):  # a NullPool never reuses a connection
+        event.listen(engine, "checkout", _read_connect_state)  # the engine's pool
     event.listen(engine, "before_cursor_execute", _note_session_change)
     event.listen(engine, "reset", _reset_session_state)
 
@@ -102,11 +105,16 @@ def _read_connect_state(dbapi_connection: Any, record: ConnectionPoolEntry, _: A
     try:
         state = await_only(driver.fetch_value(connection, CONNECT_STATE_SQL, RESET_TIMEOUT_SECONDS))
     except Exception as error:
-        # The pool discards this connection and tries another, as for a failed ping.
-        raise DisconnectionError(
-            f"reading its session state failed: {type(error).__name__}"
-        ) from error
-    record.info[_CONNECT_STATE] = state or ""
+        # Not fatal (a server without one of these catalogs): the connection serves,
+        # and is closed instead of reset if it ever needs a reset. A dead one fails
+        # its first statement as it would have anyway.
+        logger.warning(
+            "reading a new connection's session state failed (%s): a connection that "
+            "changes session state will be closed instead of reset",
+            type(error).__name__,
+        )
+        state = _UNREAD
+    record.info[_CONNECT_STATE] = state
 
 
 def _reset_session_state(
@@ -115,9 +123,11 @@ def _reset_session_state(
     effect = None if record is None else record.info.pop(_CHANGED, None)
     if effect is None or record is None or state.terminate_only:
         return  # unchanged, or about to be closed (detached, garbage-collected)
-    if not state.asyncio_safe or effect == _DISCARD:
+    unread = _CONNECT_STATE in record.info and record.info[_CONNECT_STATE] is _UNREAD
+    if not state.asyncio_safe or effect == _DISCARD or unread:
         # No I/O allowed here (SQLAlchemy 2.0-2.1 only say so for a connection they
-        # terminate anyway), or no reset undoes it: close it rather than reuse it.
+        # terminate anyway), or no reset undoes it, or nothing says what to restore:
+        # close it rather than reuse it.
         record.invalidate()
         return
     driver, connection = driver_of(record), dbapi_connection.driver_connection

@@ -19,7 +19,8 @@ _LEAD = r"(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*"
 # SET TRANSACTION and SET CONSTRAINTS end with the transaction: not counted. RESET,
 # DISCARD and UNLISTEN move back towards a new session, which undoes what the
 # service's connect-time setup did (a SET ROLE): counted, as "undo".
-# DEALLOCATE and CLOSE only drop what the request itself made.
+# CLOSE and DEALLOCATE of one name drop what the request itself made (DEALLOCATE ALL
+# would also drop the driver's own statements: not handled, README "Known limits").
 _SESSION_STATEMENT = re.compile(
     rf"(?:\A|;){_LEAD}(?:"
     r"(?P<set>SET)\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)"
@@ -34,9 +35,14 @@ _STARTS_WITH_KEYWORD = re.compile(
 )
 # Temporary tables made without the word TEMP at the start: SELECT ... INTO TEMP t,
 # and anything created in the temporary schema by name (CREATE TABLE pg_temp.t).
+# Not INSERT INTO / MERGE INTO (a table may be called temp), nor a mere reference to
+# pg_temp.x after the name of what is created.
 _TEMP_ANYWHERE = re.compile(
-    r"\binto\s+(?:temp|temporary)\b"
-    r'|\bcreate\b[^;]*?(?<![\w$])"?pg_temp(?:_\d+)?"?\s*\.',
+    r"(?<!insert\s)(?<!merge\s)\binto\s+(?:(?:local|global)\s+)?temp(?:orary)?\b"
+    r'|(?<!insert\s)(?<!merge\s)\binto\s+(?:table\s+)?"?pg_temp(?:_\d+)?"?\s*\.'
+    r"|\bcreate\s+(?:(?:or\s+replace|unlogged|materialized|unique)\s+)*"
+    r"(?:table|view|sequence|function|procedure|type|domain)\s+"
+    r'(?:if\s+not\s+exists\s+)?"?pg_temp(?:_\d+)?"?\s*\.',
     re.IGNORECASE | re.DOTALL,
 )
 # Functions with a session-level effect, anywhere in a statement (not the _xact_

@@ -651,6 +651,10 @@ async def test_a_garbage_collected_connection_is_discarded_without_a_reset(
         ("CREATE TABLE pg_temp.t (x int)", "reset"),
         ('CREATE UNLOGGED TABLE "pg_temp".t (x int)', "reset"),
         ("CREATE VIEW pg_temp_3.v AS SELECT 1", "reset"),
+        ("SELECT 1 INTO LOCAL TEMP t", "reset"),
+        ("SELECT 1 INTO GLOBAL TEMPORARY TABLE t", "reset"),
+        ("SELECT 1 INTO TABLE pg_temp.t", "reset"),
+        ("CREATE TABLE IF NOT EXISTS pg_temp.t (x int)", "reset"),
         # They undo the service's connect-time setup (a SET ROLE): reset to restore it.
         ("RESET ALL", "reset"),
         ("reset role", "reset"),
@@ -673,6 +677,10 @@ async def test_a_garbage_collected_connection_is_discarded_without_a_reset(
         ("SELECT * INTO items_copy FROM items", None),
         ("SELECT temperature FROM readings", None),
         ("SELECT * FROM pg_temp.t", None),
+        ("INSERT INTO temp VALUES (1)", None),
+        ("MERGE INTO temp USING src ON true WHEN MATCHED THEN DO NOTHING", None),
+        ("CREATE TABLE t AS SELECT * FROM pg_temp.stage", None),
+        ("CREATE INDEX ON pg_temp.stage (x)", None),
         ("DEALLOCATE p", None),
     ],
 )
@@ -681,3 +689,56 @@ def test_statements_are_told_apart_by_their_session_effect(
 ) -> None:
     """Session-level statements count, transaction-scoped ones and plain DML do not."""
     assert session_state.session_effect(statement) == effect
+
+
+def _become_tenant(dbapi_connection: Any, _: Any) -> None:
+    # A superuser-only setting first, then SET SESSION AUTHORIZATION: the restore
+    # must set them in that order too, or the reset fails and discards the connection.
+    dbapi_connection.autocommit = True
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET log_min_duration_statement = 54321")
+    cursor.execute(f"SET SESSION AUTHORIZATION {TENANT_ROLE}")
+    cursor.close()
+    dbapi_connection.autocommit = False
+
+
+async def test_a_reset_keeps_a_connect_time_session_authorization(
+    database_url: URL, tenant_schema: None
+) -> None:
+    """The session user and a superuser-only setting both survive, on the same backend."""
+    manager = await _open_manager(database_url)
+    event.listen(manager.engine.sync_engine, "connect", _become_tenant)
+    probe = text(
+        "SELECT pg_backend_pid() AS pid, session_user::text AS session_user,"
+        " current_setting('log_min_duration_statement') AS slow"
+    )
+    try:
+        async with manager.session() as db:
+            before = dict((await db.execute(probe)).mappings().one())
+            await db.execute(text("SET SESSION AUTHORIZATION DEFAULT"))
+        async with manager.session() as db:
+            after = dict((await db.execute(probe)).mappings().one())
+    finally:
+        await manager.close()
+
+    assert before["session_user"] == TENANT_ROLE, before
+    assert after == before
+
+
+async def test_a_connection_whose_state_could_not_be_read_is_closed_instead_of_reset(
+    manager: DatabaseSessionManager,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failed read never refuses the connection; it only forbids reusing a changed one."""
+    monkeypatch.setattr(session_state, "CONNECT_STATE_SQL", "SELECT * FROM h3_no_such_table")
+    with caplog.at_level(logging.WARNING, logger="app.database"):
+        async with manager.session() as db:
+            first = await db.scalar(text("SELECT pg_backend_pid()"))
+            await db.execute(text("SET statement_timeout = 4321"))
+    async with manager.session() as db:
+        after = dict((await db.execute(PROBE)).mappings().one())
+
+    assert "reading a new connection's session state failed" in caplog.text
+    assert after["pid"] != first, "reused without knowing what to restore"
+    assert after["statement_timeout"] != "4321ms"
