@@ -20,6 +20,7 @@ from ._errors import (
     TransactionPoolerError,
 )
 from ._manager import DatabaseSessionManager, session_manager
+from ._on_commit import on_commit
 
 if TYPE_CHECKING:
     from ._fastapi import (
@@ -45,6 +46,7 @@ __all__ = [
     "TransactionPoolerError",
     "classify_error",
     "get_db",
+    "on_commit",
     "retrying_route_class",
     "session_dependency",
     "session_manager",

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from ._databases import DatabaseSetupError, create_test_database, drop_test_database
 from ._isolation import IsolationError, isolated, joined_session, share_session_with_app
+from ._on_commit import capture_on_commit_callbacks
 from ._query_count import QueryCount, count_queries
 
 __all__ = [
     "DatabaseSetupError",
     "IsolationError",
     "QueryCount",
+    "capture_on_commit_callbacks",
     "count_queries",
     "create_test_database",
     "drop_test_database",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -27,9 +27,11 @@ from sqlalchemy.pool import QueuePool
 
 from .._base import Base
 from .._manager import DatabaseSessionManager, session_manager
+from .._on_commit import OnCommitCallback
 from . import (
     DatabaseSetupError,
     QueryCount,
+    capture_on_commit_callbacks,
     count_queries,
     create_test_database,
     drop_test_database,
@@ -209,3 +211,20 @@ def count_queries_fixture(
         return count_queries(db_connection)
 
     return counter
+
+
+@pytest.fixture(name="capture_on_commit_callbacks")
+def capture_on_commit_callbacks_fixture(
+    db_connection: AsyncConnection,
+) -> Callable[..., AbstractAsyncContextManager[list[OnCommitCallback]]]:
+    """`async with capture_on_commit_callbacks(execute=False) as callbacks:` sees `on_commit`.
+
+    The callbacks registered by sessions that committed in the block (under the
+    isolation their COMMIT never happens, so they would not run), in order; with
+    `execute=True` they run at the block's end, with those they register.
+    """
+
+    def capture(*, execute: bool = False) -> AbstractAsyncContextManager[list[OnCommitCallback]]:
+        return capture_on_commit_callbacks(db_connection, execute=execute)
+
+    return capture
