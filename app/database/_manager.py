@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
+from sqlalchemy import exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -237,8 +238,8 @@ class DatabaseSessionManager:
 async def _commit(session: AsyncSession) -> None:
     try:
         await session.commit()
-    except TransactionAbortedError:
-        raise  # refused before COMMIT was sent
+    except (TransactionAbortedError, exc.TimeoutError):
+        raise  # refused before COMMIT was sent, or no pooled connection to flush on
     except Exception as error:
         # The connection broke (class 08: asyncpg also gives its own broken-socket
         # error 08003) or timed out on the client, after COMMIT went out: no answer,
