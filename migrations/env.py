@@ -94,7 +94,15 @@ def _run_on_given(given: Any) -> None:
     if isinstance(given, AsyncEngine):
         # No loop running here (pytest-alembic calls env.py from sync code): one of
         # our own, for this call. The engine must not hold connections of another
-        # loop then (SQLAlchemy's rule, as above).
+        # loop then (SQLAlchemy's rule, as above): they would fail deep in the driver.
+        idle = getattr(given.sync_engine.pool, "checkedin", lambda: 0)()
+        if idle:
+            raise RuntimeError(
+                f"this AsyncEngine's pool holds {idle} connection(s) opened on another "
+                "event loop, unusable from the loop env.py makes for this call: "
+                "`await engine.dispose()` first, or run Alembic inside that loop "
+                "through `await connection.run_sync(...)`"
+            )
         asyncio.run(_run_on_async_engine_in_own_loop(given))
     elif isinstance(given, AsyncConnection):
         # Opened on a loop that is not running now: no await could reach it.

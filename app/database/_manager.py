@@ -191,8 +191,9 @@ class DatabaseSessionManager:
         the database except through `on_commit`, which runs once, for the attempt
         that committed.
         """
+        # Bad options are refused by the first attempt's session(), before it connects
+        # or calls `work`; DatabaseConfigError is not retried.
         attempts = check_attempts(attempts)
-        transaction_options(isolation_level, read_only, deferrable)  # refused before any attempt
 
         async def attempt() -> T:
             async with self.session(

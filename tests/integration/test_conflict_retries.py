@@ -51,8 +51,14 @@ from app.database import (
     retrying_route_class,
     session_dependency,
 )
+from app.database._classify import sqlstate_of
 from app.errors import install_error_handlers
 from tests.drivers import application_name
+from tests.integration.forced_conflicts import (
+    RAISE_SERIALIZATION_FAILURE,
+    drop_fail_commit,
+    fail_commit_when,
+)
 from tests.integration.live_server import serve
 from tests.postgres import checked_out
 
@@ -66,25 +72,9 @@ RENDEZVOUS_SECONDS = 10.0
 
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
-RAISE_SERIALIZATION_FAILURE = (
-    "DO $$BEGIN RAISE EXCEPTION 'test: conflict' USING ERRCODE = 'serialization_failure'; END$$"
-)
 
 Work = Callable[[AsyncSession], Awaitable[Any]]
 Pause = Callable[[], Awaitable[None]]
-
-
-def sqlstate(error: BaseException) -> str | None:
-    """The SQLSTATE the server sent with `error` (through SQLAlchemy's wrapper), if any."""
-    link: BaseException | None = error
-    while link is not None:
-        for holder in (link, getattr(link, "orig", None)):
-            for attribute in ("sqlstate", "pgcode"):
-                value = getattr(holder, attribute, None)
-                if isinstance(value, str) and len(value) == 5:
-                    return value
-        link = link.__cause__
-    return None
 
 
 def unique_table(prefix: str) -> str:
@@ -135,7 +125,7 @@ class Outcome:
         return self.calls - len(self.calls_per_unit)
 
     def failure_states(self) -> Counter[str | None]:
-        return Counter(sqlstate(failure) for failure in self.failures)
+        return Counter(sqlstate_of(failure) for failure in self.failures)
 
     def unexpected_failures(self) -> list[BaseException]:
         """Failures that are not a conflict PostgreSQL asks to retry."""
@@ -510,6 +500,25 @@ async def test_concurrent_conflicting_units_are_all_answered_when_retried(
 # --- pairs: the conflict made certain ------------------------------------------------
 
 
+async def run_pair(
+    manager: DatabaseSessionManager,
+    scenario: Scenario,
+    runner: Runner,
+    level: str,
+    outcome: Outcome,
+    seed: str,
+) -> None:
+    """Two units of `scenario` at `level`, each paused at its point of conflict until both are."""
+    rendezvous = Rendezvous()
+    rng = random.Random(seed)
+    await asyncio.gather(
+        *(
+            run_unit(manager, runner, level, scenario.unit(rng, rendezvous.pause(), pick), outcome)
+            for pick in (0, 1)
+        )
+    )
+
+
 @pytest.mark.parametrize("how", list(RUNNERS))
 @pytest.mark.parametrize("name", list(SCENARIOS))
 async def test_two_units_meeting_at_the_conflict(
@@ -520,24 +529,10 @@ async def test_two_units_meeting_at_the_conflict(
 ) -> None:
     """Two units paused at the point of conflict: one is retried, or fails once."""
     scenario = SCENARIOS[name]()
-    manager = open_manager(2)
-    rendezvous = Rendezvous()
     outcome = Outcome()
-    rng = random.Random(name)
 
     async with scenario_tables(observer, scenario, 2):
-        await asyncio.gather(
-            *(
-                run_unit(
-                    manager,
-                    RUNNERS[how],
-                    scenario.level,
-                    scenario.unit(rng, rendezvous.pause(), pick),
-                    outcome,
-                )
-                for pick in (0, 1)
-            )
-        )
+        await run_pair(open_manager(2), scenario, RUNNERS[how], scenario.level, outcome, name)
         print(f"\n{name} pair at {scenario.level}, {how}: {outcome.summary()}")
 
         assert await scenario.broken_promises(observer, outcome.answers) == []
@@ -563,24 +558,10 @@ async def test_at_a_weaker_level_the_same_pair_breaks_the_promise(
     """Control: at READ COMMITTED nothing conflicts, and the check sees the damage."""
     scenario = SCENARIOS[name]()
     assert scenario.weak_level is not None
-    manager = open_manager(2)
-    rendezvous = Rendezvous()
     outcome = Outcome()
-    rng = random.Random(name)
 
     async with scenario_tables(observer, scenario, 2):
-        await asyncio.gather(
-            *(
-                run_unit(
-                    manager,
-                    run_retried,
-                    scenario.weak_level,
-                    scenario.unit(rng, rendezvous.pause(), pick),
-                    outcome,
-                )
-                for pick in (0, 1)
-            )
-        )
+        await run_pair(open_manager(2), scenario, run_retried, scenario.weak_level, outcome, name)
 
         assert outcome.failures == []
         assert outcome.calls_per_unit == [1, 1]
@@ -598,26 +579,15 @@ async def conflict_table_fixture(observer: asyncpg.Connection) -> AsyncIterator[
     """
     table = unique_table("retry_budget")
     await observer.execute(
-        f"""
-        CREATE TABLE {table} (id int PRIMARY KEY, conflict bool NOT NULL DEFAULT false);
-        CREATE FUNCTION {table}_raise() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.conflict THEN
-                RAISE EXCEPTION 'test: conflict at COMMIT' USING ERRCODE = 'serialization_failure';
-            END IF;
-            RETURN NULL;
-        END$$;
-        CREATE CONSTRAINT TRIGGER {table}_at_commit AFTER INSERT ON {table}
-            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {table}_raise();
-        INSERT INTO {table} (id) VALUES (1);
-        """
+        f"CREATE TABLE {table} (id int PRIMARY KEY, conflict bool NOT NULL DEFAULT false);"
+        f" INSERT INTO {table} (id) VALUES (1)"
     )
+    await fail_commit_when(observer, table, "conflict")
     try:
         yield table
     finally:
-        await observer.execute(
-            f"DROP TABLE IF EXISTS {table}; DROP FUNCTION IF EXISTS {table}_raise"
-        )
+        await drop_fail_commit(observer, table)
+        await observer.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 def conflicting_work(table: str, where: str, conflicting_calls: int) -> tuple[Work, list[int]]:
@@ -661,7 +631,7 @@ async def test_a_conflict_on_every_attempt_is_raised_after_the_last(
 
     assert len(calls) == attempts
     assert classify_error(raised.value) is DatabaseErrorKind.RETRYABLE
-    assert sqlstate(raised.value) == SERIALIZATION_FAILURE
+    assert sqlstate_of(raised.value) == SERIALIZATION_FAILURE
     assert await observer.fetchval(f"SELECT count(*) FROM {conflict_table}") == 1
 
 
@@ -711,7 +681,7 @@ async def test_a_unique_violation_is_not_retried(
 
     assert calls == 1
     assert classify_error(raised.value) is DatabaseErrorKind.CONFLICT
-    assert sqlstate(raised.value) == "23505"
+    assert sqlstate_of(raised.value) == "23505"
 
 
 # --- the route mechanism ---------------------------------------------------------------

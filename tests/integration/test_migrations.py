@@ -197,6 +197,23 @@ async def test_env_py_migrates_each_kind_of_connection_it_is_given(
     assert await _alembic_version_rows(engine) == int(commits)
 
 
+async def test_an_async_engine_holding_another_loops_connections_is_refused_by_name(
+    engine: AsyncEngine, empty_database_url: URL
+) -> None:
+    """From sync code, an engine that already served this loop would fail in the driver."""
+    manager = DatabaseSessionManager()
+    manager.init(url=empty_database_url)
+    try:
+        async with manager.engine.connect() as connection:  # leaves one idle in its pool
+            await connection.scalar(text("SELECT 1"))
+        with pytest.raises(RuntimeError, match=r"await engine\.dispose\(\)` first"):
+            await asyncio.to_thread(upgrade, manager.engine)
+    finally:
+        await manager.close()
+    async with engine.connect() as connection:
+        assert "items" not in await connection.run_sync(table_names)
+
+
 async def test_upgrade_head_from_empty_creates_items_with_named_constraints(
     engine: AsyncEngine,
 ) -> None:

@@ -36,6 +36,11 @@ from app.database import (
 )
 from app.database.testing import _on_commit as testing_on_commit
 from app.models import Item
+from tests.integration.forced_conflicts import (
+    RAISE_SERIALIZATION_FAILURE,
+    drop_fail_commit,
+    fail_commit_when,
+)
 from tests.postgres import checked_out
 
 OnCommitCallback = Callable[[], object]
@@ -52,32 +57,21 @@ CREATE TABLE oc_orphans (
     id int PRIMARY KEY,
     unit_id int NOT NULL REFERENCES oc_units (id) DEFERRABLE INITIALLY DEFERRED
 );
--- A row whose attempt is 1 makes COMMIT itself fail with a serialization failure.
-CREATE TABLE oc_fail_at_commit (unit_id int NOT NULL, attempt int NOT NULL);
-CREATE FUNCTION oc_serialization_failure() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.attempt = 1 THEN
-        RAISE EXCEPTION 'forced at COMMIT' USING ERRCODE = 'serialization_failure';
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE CONSTRAINT TRIGGER oc_fail_at_commit_trigger AFTER INSERT ON oc_fail_at_commit
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION oc_serialization_failure();
+-- A row with fail set makes COMMIT itself fail with a serialization failure.
+CREATE TABLE oc_fail_at_commit (unit_id int NOT NULL, fail boolean NOT NULL);
 """
-DROP = """
-DROP TABLE IF EXISTS oc_orphans, oc_units, oc_ledger, oc_fail_at_commit;
-DROP FUNCTION IF EXISTS oc_serialization_failure();
-"""
-SERIALIZATION_FAILURE = text(
-    "DO $$BEGIN RAISE EXCEPTION 'forced' USING ERRCODE = 'serialization_failure'; END$$"
-)
+DROP = "DROP TABLE IF EXISTS oc_orphans, oc_units, oc_ledger, oc_fail_at_commit"
+SERIALIZATION_FAILURE = text(RAISE_SERIALIZATION_FAILURE)
 INFO_PREFIX = "app.database.on_commit"
 
 
 @pytest.fixture(name="tables")
 async def tables_fixture(observer: asyncpg.Connection) -> AsyncIterator[None]:
-    await observer.execute(DROP + SCHEMA)
+    await drop_fail_commit(observer, "oc_fail_at_commit")
+    await observer.execute(f"{DROP}; {SCHEMA}")
+    await fail_commit_when(observer, "oc_fail_at_commit", "fail")
     yield
+    await drop_fail_commit(observer, "oc_fail_at_commit")
     await observer.execute(DROP)
 
 
@@ -539,8 +533,8 @@ async def test_callbacks_run_exactly_once_per_committed_unit(
         on_commit(session, record(unit_id, "unit"))
         if at_commit:
             await session.execute(
-                text("INSERT INTO oc_fail_at_commit VALUES (:u, :a)"),
-                {"u": unit_id, "a": attempts[unit_id]},
+                text("INSERT INTO oc_fail_at_commit VALUES (:u, :fail)"),
+                {"u": unit_id, "fail": attempts[unit_id] == 1},
             )
         elif attempts[unit_id] == 1 or fates[unit_id] == "retries exhausted":
             await session.execute(SERIALIZATION_FAILURE)

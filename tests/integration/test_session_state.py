@@ -7,6 +7,7 @@ served by the very backend request A changed; `pg_backend_pid()` proves it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -147,20 +148,24 @@ def through_fixture(
         return run
 
     def by_request(statement: str) -> Step:
-        async def run(step: str) -> dict[str, Any]:
-            transport = httpx.ASGITransport(app=_app(statement))
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                if step == "change":
-                    (await client.post("/change")).raise_for_status()
-                    return {}
-                response = await client.get("/probe")
-                response.raise_for_status()
-                probed: dict[str, Any] = response.json()
-                return probed
-
-        return run
+        return functools.partial(_in_a_request, statement)
 
     return by_request if request.param == "request" else by_unit_of_work
+
+
+async def _in_a_request(
+    statement: str, step: str, probe_query: TextClause = PROBE
+) -> dict[str, Any]:
+    """Runs `step` ("change": the statement; "probe") as an ASGI request using AsyncSessionDep."""
+    transport = httpx.ASGITransport(app=_app(statement, probe_query))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        if step == "change":
+            (await client.post("/change")).raise_for_status()
+            return {}
+        response = await client.get("/probe")
+        response.raise_for_status()
+        probed: dict[str, Any] = response.json()
+        return probed
 
 
 @pytest.mark.parametrize("statement", STATE_CHANGES.values(), ids=STATE_CHANGES.keys())
@@ -271,16 +276,9 @@ async def tenant_client_fixture(
     monkeypatch.setattr(_fastapi, "session_manager", manager)
 
     async def send(step: str) -> dict[str, Any]:
-        statement = step.removeprefix("change:")
-        transport = httpx.ASGITransport(app=_app(statement, TENANT_PROBE))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            if step.startswith("change:"):
-                (await client.post("/change")).raise_for_status()
-                return {}
-            response = await client.get("/probe")
-            response.raise_for_status()
-            probed: dict[str, Any] = response.json()
-            return probed
+        if step.startswith("change:"):
+            return await _in_a_request(step.removeprefix("change:"), "change", TENANT_PROBE)
+        return await _in_a_request("", "probe", TENANT_PROBE)
 
     try:
         yield send

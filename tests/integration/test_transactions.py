@@ -1,9 +1,9 @@
-"""Per-unit isolation and flags, run_in_transaction's retries, and RetryingRoute (issue 11).
+"""Per-unit isolation and flags, and RetryingRoute's attempts (issue 11).
 
-The proofs under real contention (write skew, transfers, deadlocks) are in
-test_conflict_retries.py; here each behaviour is forced deterministically: a
-deferred constraint trigger fails a chosen attempt's COMMIT with a serialization
-failure (40001), the one failure a client cannot see coming.
+The retries of run_in_transaction, and the proofs under real contention (write
+skew, transfers, deadlocks), are in test_conflict_retries.py. Here a deferred
+constraint trigger fails a chosen attempt's COMMIT with a serialization failure
+(40001), the one failure a client cannot see coming.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI
@@ -30,45 +31,34 @@ from app.database import (
     retrying_route_class,
     session_dependency,
 )
+from tests.integration.forced_conflicts import drop_fail_commit, fail_commit_when
 from tests.postgres import checked_out
 
 # Rows inserted with fail_commit = true make their transaction's COMMIT fail with 40001.
-# One statement each: asyncpg sends exec_driver_sql() as a prepared statement.
-SCHEMA = (
-    "CREATE TABLE tx_marks (id serial PRIMARY KEY, note text, fail_commit boolean NOT NULL)",
-    """CREATE FUNCTION tx_fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-      IF NEW.fail_commit THEN
-        RAISE EXCEPTION 'forced at COMMIT' USING ERRCODE = 'serialization_failure';
-      END IF;
-      RETURN NULL;
-    END$$""",
-    "CREATE CONSTRAINT TRIGGER tx_fail_commit AFTER INSERT ON tx_marks"
-    " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION tx_fail_commit()",
-)
-DROP = ("DROP TABLE IF EXISTS tx_marks", "DROP FUNCTION IF EXISTS tx_fail_commit()")
 INSERT = text("INSERT INTO tx_marks (note, fail_commit) VALUES (:note, :fail)")
 COUNT = text("SELECT count(*) FROM tx_marks WHERE note = :note")
 
 
 @pytest.fixture(name="manager")
 async def manager_fixture(
-    database_url: URL, monkeypatch: pytest.MonkeyPatch
+    database_url: URL, observer: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[DatabaseSessionManager]:
     """A one-connection manager (so a session left open would block the next), with tx_marks."""
+    await drop_fail_commit(observer, "tx_marks")
+    await observer.execute(
+        "DROP TABLE IF EXISTS tx_marks;"
+        " CREATE TABLE tx_marks (id serial PRIMARY KEY, note text, fail_commit boolean NOT NULL)"
+    )
+    await fail_commit_when(observer, "tx_marks", "fail_commit")
     manager = DatabaseSessionManager()
     manager.init(url=database_url, pool_size=1, max_overflow=0, pool_timeout=2)
     monkeypatch.setattr(_fastapi, "session_manager", manager)
-    async with manager.engine.begin() as connection:
-        for statement in (*DROP, *SCHEMA):
-            await connection.exec_driver_sql(statement)
     try:
         yield manager
     finally:
-        async with manager.engine.begin() as connection:
-            for statement in DROP:
-                await connection.exec_driver_sql(statement)
         await manager.close()
+        await drop_fail_commit(observer, "tx_marks")
+        await observer.execute("DROP TABLE tx_marks")
 
 
 async def _stored(manager: DatabaseSessionManager, note: str) -> int:
@@ -160,43 +150,6 @@ async def test_attempts_must_be_a_whole_number_of_at_least_one(
         await manager.run_in_transaction(work, attempts=attempts)  # type: ignore[arg-type]
     with pytest.raises(DatabaseConfigError, match="attempts must be a whole number"):
         retrying_route_class(attempts=attempts)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(("attempts", "failing", "stored"), [(3, 2, 1), (2, 2, 0), (1, 1, 0)])
-async def test_a_serialization_failure_at_commit_runs_the_work_again(
-    manager: DatabaseSessionManager, attempts: int, failing: int, stored: int
-) -> None:
-    """The first `failing` attempts fail at COMMIT; with attempts to spare the last commits once."""
-    calls = 0
-
-    async def work(db: AsyncSession) -> int:
-        nonlocal calls
-        calls += 1
-        await db.execute(INSERT, {"note": "retried", "fail": calls <= failing})
-        return calls
-
-    if stored:
-        assert await manager.run_in_transaction(work, attempts=attempts) == failing + 1
-    else:
-        with pytest.raises(DBAPIError) as caught:
-            await manager.run_in_transaction(work, attempts=attempts)
-        assert classify_error(caught.value) is DatabaseErrorKind.RETRYABLE
-    assert calls == min(attempts, failing + 1)
-    assert await _stored(manager, "retried") == stored  # the failed attempts left nothing
-
-
-async def test_other_errors_are_not_retried(manager: DatabaseSessionManager) -> None:
-    """A syntax error (or a conflict, a timeout, a lost connection) propagates at once."""
-    calls = 0
-
-    async def work(db: AsyncSession) -> None:
-        nonlocal calls
-        calls += 1
-        await db.execute(text("SELEC 1"))
-
-    with pytest.raises(DBAPIError):
-        await manager.run_in_transaction(work, attempts=5)
-    assert calls == 1
 
 
 SerializableSessionDep = Annotated[
