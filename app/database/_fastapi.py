@@ -50,9 +50,11 @@ def session_dependency(
     return get_db_with_options
 
 
-# Where FastAPI (>= 0.121) keeps the exit stack of the request's function-scoped
-# dependencies: it closes it, and so commits, after the route handler returns.
+# Where FastAPI (>= 0.121) keeps the exit stacks of the request's dependencies: the
+# function-scoped ones (closed, and so committed, once the handler returns) and
+# the request-scoped ones (closed after the response is sent).
 _FUNCTION_STACK = "fastapi_function_astack"
+_REQUEST_STACK = "fastapi_inner_astack"
 
 
 class RetryingRoute(APIRoute):
@@ -61,7 +63,8 @@ class RetryingRoute(APIRoute):
     A serialization failure or deadlock, raised by the handler or by its session's
     COMMIT, re-runs the request up to `attempts` times in all, so the client gets
     one answer. Safe only if the handler has no side effect outside the database
-    except through `on_commit`. Use `APIRouter(route_class=RetryingRoute)`, or
+    except through `on_commit`, and does not call `session.commit()` itself
+    (refused). Use `APIRouter(route_class=RetryingRoute)`, or
     `retrying_route_class(attempts=N)` for another count.
     """
 
@@ -71,25 +74,32 @@ class RetryingRoute(APIRoute):
         handler = super().get_route_handler()
         attempts, name = self.attempts, f"{','.join(sorted(self.methods or ()))} {self.path}"
 
-        async def attempt_in_own_stack(request: Request) -> Response:
-            # Each attempt gets its own exit stack for function-scoped dependencies,
-            # closed here, so that its session commits (or rolls back) inside the
-            # attempt: a conflict at COMMIT can then be retried, and a failed
-            # attempt's session is closed before the next one starts.
-            outer = request.scope.get(_FUNCTION_STACK)
-            try:
-                async with AsyncExitStack() as stack:
-                    request.scope[_FUNCTION_STACK] = stack
-                    return await handler(request)
-            finally:
-                request.scope[_FUNCTION_STACK] = outer
-
-        async def retrying_handler(request: Request) -> Response:
-            if _FUNCTION_STACK not in request.scope:
+        async def attempt_in_own_stacks(request: Request) -> Response:
+            # Each attempt gets exit stacks of its own, so that its dependencies end
+            # with it: its function-scoped session commits (or rolls back) inside
+            # the attempt, and a failed attempt's request-scoped ones are closed,
+            # with its error, before the next attempt starts. A successful attempt's
+            # request-scoped dependencies are handed to the request's own stack, to
+            # end after the response as usual.
+            scope = request.scope
+            outer_request, outer_function = scope.get(_REQUEST_STACK), scope.get(_FUNCTION_STACK)
+            if not isinstance(outer_request, AsyncExitStack) or outer_function is None:
                 raise RuntimeError(
                     "RetryingRoute needs FastAPI >= 0.121.1 (function-scoped dependencies)"
                 )
-            return await run_with_retries(lambda: attempt_in_own_stack(request), attempts, name)
+            try:
+                async with AsyncExitStack() as request_stack:
+                    scope[_REQUEST_STACK] = request_stack
+                    async with AsyncExitStack() as function_stack:
+                        scope[_FUNCTION_STACK] = function_stack
+                        response = await handler(request)
+                    await outer_request.enter_async_context(request_stack.pop_all())
+                return response
+            finally:
+                scope[_REQUEST_STACK], scope[_FUNCTION_STACK] = outer_request, outer_function
+
+        async def retrying_handler(request: Request) -> Response:
+            return await run_with_retries(lambda: attempt_in_own_stacks(request), attempts, name)
 
         return retrying_handler
 

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -29,7 +28,14 @@ from ._errors import (
 )
 from ._exhaustion import pool_exhaustion_explained
 from ._guards import GuardedSession
-from ._retry import DEFAULT_ATTEMPTS, check_attempts, run_with_retries
+from ._retry import (
+    DEFAULT_ATTEMPTS,
+    allow_final_commit,
+    check_attempts,
+    forbid_intermediate_commits,
+    in_retried_unit,
+    run_with_retries,
+)
 from ._transaction_options import transaction_options
 
 T = TypeVar("T")
@@ -156,22 +162,37 @@ class DatabaseSessionManager:
         connection lost at COMMIT raises `CommitOutcomeUnknownError`.
         """
         options = transaction_options(isolation_level, read_only, deferrable)
-        if self._sessionmaker is None:
+        if self._sessionmaker is None or self._engine is None:
             raise self._not_open_error()
+        overrides: dict[str, Any] = {}
+        # Not in a session joined to a test's open transaction (bound to its
+        # connection): a level cannot change mid-transaction, the test's applies.
+        if options and not isinstance(self._sessionmaker.kw.get("bind"), AsyncConnection):
+            # On the engine, not on the session's first connection: they then hold for
+            # every transaction of the unit, also after an explicit commit().
+            overrides["bind"] = self._engine_with(options)
         # The pool's timeout becomes PoolExhaustedError, whose message names the fixes.
         with pool_exhaustion_explained():
             # Its exit closes the session in a task of its own and waits for that
             # through cancellations (SQLAlchemy >= 2.0.58, the floor in pyproject.toml):
             # the block is left only once the connection is back in the pool.
-            async with self._sessionmaker() as session:
-                # Not in a session joined to a test's open transaction (bound to its
-                # connection): a level cannot change mid-transaction, the test's applies.
-                if options and not isinstance(session.bind, AsyncConnection):
-                    await session.connection(execution_options=options)
+            async with self._sessionmaker(**overrides) as session:
+                if in_retried_unit():
+                    forbid_intermediate_commits(session)
                 yield session
                 # Reached only when the block did not raise: commit whatever is pending,
                 # including work done after an explicit commit() inside the block.
                 await _commit(session)
+
+    def _engine_with(self, options: dict[str, Any]) -> AsyncEngine:
+        engine = self.engine
+        if engine.dialect.name != "postgresql":
+            raise DatabaseConfigError(
+                "isolation_level, read_only and deferrable are for PostgreSQL engines; "
+                f"this one is {engine.dialect.name}: call session() without them"
+            )
+        # Shares the engine's pool and its listeners.
+        return engine.execution_options(**options)
 
     async def run_in_transaction(
         self,
@@ -237,24 +258,36 @@ class DatabaseSessionManager:
 
 
 async def _commit(session: AsyncSession) -> None:
+    # Flushed first, so that a failure to connect or to write is known to have
+    # committed nothing: only the COMMIT itself can leave the outcome unknown.
+    await session.flush()
+    allow_final_commit(session)
     try:
         await session.commit()
-    except (TransactionAbortedError, exc.TimeoutError):
-        raise  # refused before COMMIT was sent, or no pooled connection to flush on
+    except TransactionAbortedError:
+        raise  # refused before COMMIT was sent
     except Exception as error:
-        # The connection broke (class 08: asyncpg also gives its own broken-socket
-        # error 08003) or timed out on the client, after COMMIT went out: no answer,
-        # so it may have committed. Any other error is the server's answer: rolled back.
-        kind = classify_error(error)
-        sqlstate = sqlstate_of(error)
-        lost = kind in (DatabaseErrorKind.UNAVAILABLE, DatabaseErrorKind.TIMEOUT)
-        if lost and (sqlstate is None or sqlstate.startswith("08")):
+        if _outcome_unknown(error):
             raise CommitOutcomeUnknownError(
                 "the connection was lost before COMMIT was answered: the transaction "
                 "may or may not have committed, so it is not retried; check the data, "
                 "or make the work idempotent (an idempotency key) before running it again"
             ) from error
         raise
+
+
+def _outcome_unknown(error: BaseException) -> bool:
+    sqlstate = sqlstate_of(error)
+    if sqlstate in ("57P01", "57P02"):
+        # The server ended the session during COMMIT (a shutdown, a terminate): it may
+        # have written the commit already (synchronous replication then says
+        # "already committed locally").
+        return True
+    # The connection broke (class 08: asyncpg also gives its own broken-socket error
+    # 08003) or timed out on the client: no answer. Any other error is the server's
+    # answer: rolled back.
+    lost = classify_error(error) in (DatabaseErrorKind.UNAVAILABLE, DatabaseErrorKind.TIMEOUT)
+    return lost and (sqlstate is None or sqlstate.startswith("08"))
 
 
 session_manager = DatabaseSessionManager()

@@ -20,6 +20,7 @@ from app.database import (
     classify_error,
 )
 from app.errors import install_error_handlers
+from app.models import Item
 from tests.faults.proxy import CommitFault, FaultProxy
 from tests.faults.server import FaultServer
 
@@ -90,3 +91,17 @@ async def test_the_service_answers_an_unknown_outcome_without_inviting_a_retry(
     assert response.status_code == 503
     assert "may have been applied" in response.json()["detail"]
     assert "retry-after" not in response.headers
+
+
+async def test_a_unit_that_cannot_connect_to_commit_is_no_unknown_outcome(
+    manager: DatabaseSessionManager, proxy: FaultProxy
+) -> None:
+    """Nothing was sent: the write is flushed, and fails, before COMMIT; a plain 'unavailable'."""
+    proxy.refuse()
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - examined below
+        async with manager.session() as db:
+            db.add(Item(name=f"never-{uuid.uuid4()}"))  # no statement until the commit
+    proxy.restore()
+
+    assert not isinstance(caught.value, CommitOutcomeUnknownError)
+    assert classify_error(caught.value) is DatabaseErrorKind.UNAVAILABLE

@@ -14,18 +14,23 @@ RAISE_SERIALIZATION_FAILURE = (
 )
 
 
-async def fail_commit_when(observer: asyncpg.Connection, table: str, column: str) -> None:
+async def fail_commit_when(
+    observer: asyncpg.Connection,
+    table: str,
+    column: str,
+    condition: str = "serialization_failure",
+) -> None:
     """Make COMMIT fail with 40001 after an INSERT into `table` whose `column` is true.
 
     A deferred constraint trigger, checked at COMMIT as SERIALIZABLE's own checks
-    are. Undo it with `drop_fail_commit(observer, table)`.
+    are; `condition` names another error to raise. Undo it with `drop_fail_commit`.
     """
     await observer.execute(
         f"""
         CREATE FUNCTION {table}_fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF NEW.{column} THEN
-                RAISE EXCEPTION 'forced conflict at COMMIT' USING ERRCODE = 'serialization_failure';
+                RAISE EXCEPTION 'forced conflict at COMMIT' USING ERRCODE = '{condition}';
             END IF;
             RETURN NULL;
         END$$;

@@ -20,7 +20,7 @@ import app.database._fastapi
 import app.health
 import app.main
 from app.config import DEFAULT_DATABASE_URL, database_url
-from app.database import DatabaseSessionManager, session_manager
+from app.database import DatabaseConfigError, DatabaseSessionManager, session_manager
 from tests.item_routes import *  # noqa: F403  (pytest collects the imported tests)
 from tests.migrations import alembic_config, run_alembic, table_names, upgrade
 
@@ -99,3 +99,20 @@ def test_database_url_defaults_to_sqlite(
 
     assert database_url() == DEFAULT_DATABASE_URL
     assert DEFAULT_DATABASE_URL.startswith("sqlite+aiosqlite:///")
+
+
+@pytest.mark.parametrize(
+    "options", [{"read_only": True}, {"isolation_level": "SERIALIZABLE"}], ids=str
+)
+async def test_transaction_options_are_refused_on_sqlite(
+    sqlite_url: str, options: dict[str, object]
+) -> None:
+    """They are PostgreSQL's: on SQLite a read-only unit would write. Refused before connecting."""
+    manager = DatabaseSessionManager()
+    manager.init(url=sqlite_url)
+    try:
+        with pytest.raises(DatabaseConfigError, match="for PostgreSQL engines"):
+            async with manager.session(**options):  # type: ignore[arg-type]
+                pass
+    finally:
+        await manager.close()
