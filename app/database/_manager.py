@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -165,9 +166,8 @@ class DatabaseSessionManager:
         if self._sessionmaker is None or self._engine is None:
             raise self._not_open_error()
         overrides: dict[str, Any] = {}
-        # Not in a session joined to a test's open transaction (bound to its
-        # connection): a level cannot change mid-transaction, the test's applies.
-        if options and not isinstance(self._sessionmaker.kw.get("bind"), AsyncConnection):
+        joined = isinstance(self._sessionmaker.kw.get("bind"), AsyncConnection)
+        if options and not joined:
             # On the engine, not on the session's first connection: they then hold for
             # every transaction of the unit, also after an explicit commit().
             overrides["bind"] = self._engine_with(options)
@@ -179,6 +179,11 @@ class DatabaseSessionManager:
             async with self._sessionmaker(**overrides) as session:
                 if in_retried_unit():
                     forbid_intermediate_commits(session)
+                if joined and read_only:
+                    # Joined to a test's open transaction, whose level cannot change:
+                    # read-only can, inside the session's savepoint, which ends it. So
+                    # a write in a read-only unit fails in tests as in production.
+                    await session.execute(text("SET TRANSACTION READ ONLY"))
                 yield session
                 # Reached only when the block did not raise: commit whatever is pending,
                 # including work done after an explicit commit() inside the block.

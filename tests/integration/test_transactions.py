@@ -423,3 +423,17 @@ async def test_a_commit_ended_by_a_server_shutdown_has_an_unknown_outcome(
     finally:
         await drop_fail_commit(observer, "tx_shutdown")
         await observer.execute("DROP TABLE tx_shutdown")
+
+
+async def test_read_only_holds_inside_a_tests_rollback_isolation(db_session: AsyncSession) -> None:
+    """A write in a read-only unit fails under the test plugin too; the test's own work goes on."""
+    from app.database import session_manager
+
+    with pytest.raises(DBAPIError) as refused:
+        async with session_manager.session(read_only=True) as db:
+            await db.execute(text("INSERT INTO items (name) VALUES ('read-only-in-a-test')"))
+    assert classify_error(refused.value) is DatabaseErrorKind.UNAVAILABLE  # 25006
+    assert await db_session.scalar(text("SHOW transaction_read_only")) == "off"
+    async with session_manager.session(read_only=True) as db:  # released, not rolled back
+        assert await db.scalar(text("SHOW transaction_read_only")) == "on"
+    assert await db_session.scalar(text("SHOW transaction_read_only")) == "off"
