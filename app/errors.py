@@ -3,6 +3,10 @@
 A body names the class of problem only, never the exception's text, which may
 carry SQL, parameter values or host names.
 
+`DATABASE_ERROR_RESPONSES` documents these answers for a router's OpenAPI entries.
+
+A 405 names, in `Allow`, every method its path takes (`method_not_allowed`).
+
 A `CommitOutcomeUnknownError` (the connection broke after COMMIT was sent) is a
 503 without Retry-After: the write may be stored, so a blind retry could apply it twice.
 
@@ -18,11 +22,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from app.database import (
     CommitOutcomeUnknownError,
@@ -30,6 +38,7 @@ from app.database import (
     TransactionAbortedError,
     classify_error,
 )
+from app.schemas import ErrorBody
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +127,60 @@ async def database_error_response(request: Request, error: Exception) -> JSONRes
     headers = None
     if answer.retry_after_seconds is not None:
         headers = {"Retry-After": str(answer.retry_after_seconds)}
-    return JSONResponse({"detail": answer.detail}, status_code=answer.status, headers=headers)
+    body = ErrorBody(detail=answer.detail)
+    return JSONResponse(body.model_dump(), status_code=answer.status, headers=headers)
+
+
+# The answers above, for the OpenAPI entries of routes that use the database
+# (`APIRouter(responses=...)`); the statuses of a route's own come beside them.
+DATABASE_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorBody,
+        "description": "The database is unavailable, the service is at capacity, or the "
+        "request lost to a concurrent one and was not applied: send it again after "
+        "`Retry-After` seconds. Without `Retry-After`, the connection was lost while "
+        "committing: the request may have been applied.",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before sending the request again",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    },
+    504: {"model": ErrorBody, "description": "The database did not answer in time."},
+}
+
+
+# The methods a 405's Allow can name: each is tried on the request's path.
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+async def method_not_allowed(request: Request, error: Exception) -> Response:
+    """A 405 whose `Allow` names every method the request's path takes.
+
+    Starlette's names only the methods of the first route whose path matched:
+    `PUT /items/1` answered `Allow: GET` although PATCH and DELETE take that path
+    too. The app's routes are asked, through the public `matches`, whether they
+    would take the path with each method, whatever they are (FastAPI nests an
+    included router's routes in one).
+    """
+    assert isinstance(error, HTTPException)
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    response = await http_exception_handler(request, error)
+    response.headers["Allow"] = ", ".join(allowed)
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer classified database errors raised by `app`'s routes and dependencies."""
+    """Answer classified database errors raised by `app`'s routes and dependencies,
+    and 405s with every method their path takes."""
     for error_type in DATABASE_ERROR_TYPES:
         app.add_exception_handler(error_type, database_error_response)
+    app.add_exception_handler(405, method_not_allowed)

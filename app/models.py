@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, String, func
+from sqlalchemy import DateTime, MetaData, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.database import Base
+from app.database import NAMING_CONVENTION, Base
 
 NAME_MAX_LENGTH = 100
 DESCRIPTION_MAX_LENGTH = 1000
 
 
-class Item(Base):
+class Model(Base):
+    """The service's models: named constraints, as its migrations name them."""
+
+    __abstract__ = True
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Item(Model):
     """A named thing in the catalogue; the name is unique."""
 
     __tablename__ = "items"

@@ -1,6 +1,8 @@
 """Alembic environment: runs migrations on the package's async engine.
 
-The URL comes from DATABASE_URL (the service's own setting). A caller may instead
+The URL comes from DATABASE_URL (the service's own setting), unless the caller
+set sqlalchemy.url in the Alembic config (the package's pytest plugin does, with
+its test database: Alembic's own templates read it there). A caller may instead
 put what to migrate in `config.attributes["connection"]`, as Alembic's cookbook
 does: a Connection or an AsyncConnection is migrated as it is, its transaction and
 its closing left to the caller; on an Engine or an AsyncEngine, env.py opens a
@@ -16,11 +18,15 @@ from alembic import context
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-import app.models  # noqa: F401  (registers the models on Base.metadata)
 from app.config import database_url
-from app.database import Base, DatabaseSessionManager
+from app.database import DatabaseSessionManager
+from app.models import Model
 
-target_metadata = Base.metadata
+target_metadata = Model.metadata
+
+
+def _url() -> str:
+    return context.config.get_main_option("sqlalchemy.url") or database_url()
 
 
 def _run_on(connection: Connection) -> None:
@@ -67,7 +73,7 @@ async def _run_on_async_engine_in_own_loop(engine: AsyncEngine) -> None:
 async def _run_with_own_engine() -> None:
     # A private manager, so running migrations never touches the app's singleton.
     manager = DatabaseSessionManager()
-    manager.init(url=database_url())
+    manager.init(url=_url())
     try:
         await _run_on_async_engine(manager.engine)
     finally:
@@ -129,7 +135,7 @@ def _run_on_given(given: Any) -> None:
 
 def _run_offline() -> None:
     context.configure(
-        url=database_url(),
+        url=_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},

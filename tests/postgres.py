@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import asyncpg
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import QueuePool
@@ -41,4 +44,20 @@ async def count_backends(
         application_name,
         state_like,
     )
+    return count
+
+
+async def settled_backend_count(
+    observer: asyncpg.Connection, application_name: str, expected: int, *, within: float = 5.0
+) -> int:
+    """`count_backends` once it equals `expected`, or as it stands after `within` seconds.
+
+    A server process leaves pg_stat_activity a moment after its client closed the
+    connection, so a count taken right after a close may still include it.
+    """
+    deadline = time.monotonic() + within
+    while (count := await count_backends(observer, application_name)) != expected:
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.05)
     return count

@@ -1,13 +1,15 @@
-"""The declarative base that domain models extend."""
+"""The declarative base that domain models extend, and an opt-in naming convention."""
 
 from __future__ import annotations
 
-from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import DeclarativeBase
 
-# Named constraints let Alembic autogenerate migrations that can later drop or
-# alter a constraint by name, identically on PostgreSQL and SQLite.
+# Opt-in, for a new service (README, "Models and constraint names"): named
+# constraints let Alembic autogenerate migrations that can later drop or alter a
+# constraint by name, identically on PostgreSQL and SQLite. Not on `Base` itself:
+# an existing service that moved its models onto it would have its migrations
+# name constraints differently on new databases than on those created before.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -18,6 +20,8 @@ NAMING_CONVENTION = {
 
 
 class Base(AsyncAttrs, DeclarativeBase):
-    """Base class for models; `AsyncAttrs` adds `await obj.awaitable_attrs.<name>`."""
+    """Base class for models; `AsyncAttrs` adds `await obj.awaitable_attrs.<name>`.
 
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    Its metadata keeps SQLAlchemy's default constraint names (the database's own,
+    e.g. `items_pkey`); see `NAMING_CONVENTION` to name them instead.
+    """

@@ -9,6 +9,7 @@ socket errors).
 from __future__ import annotations
 
 import enum
+import importlib
 from collections.abc import Iterator
 
 from sqlalchemy import exc
@@ -53,6 +54,8 @@ _UNAVAILABLE = {
 # Whole SQLSTATE classes: 08 connection exceptions, 53 insufficient resources
 # (too many connections, out of memory, disk full).
 _UNAVAILABLE_CLASSES = ("08", "53")
+# Every SQLSTATE is five characters: anything else in `sqlstate` is not one.
+SQLSTATE_LENGTH = 5
 
 _KIND_BY_SQLSTATE = {
     **dict.fromkeys(_CONFLICT, DatabaseErrorKind.CONFLICT),
@@ -82,6 +85,19 @@ def classify_error(error: BaseException) -> DatabaseErrorKind | None:
     if any(isinstance(link, exc.DBAPIError) and link.connection_invalidated for link in links):
         return DatabaseErrorKind.UNAVAILABLE
     return None
+
+
+def failed_to_connect(error: BaseException) -> bool:
+    """Whether `error` (or a link of its chain) is a new connection that failed.
+
+    The server unreachable or refusing the login, a missing database and bad
+    credentials included, which `classify_error` leaves unclassified. Only the
+    driver can tell: psycopg reports a refused login with no SQLSTATE.
+    """
+    drivers = importlib.import_module(".drivers", __package__)
+    return any(
+        driver.failed_to_connect(link) for link in _chain(error) for driver in drivers.imported()
+    )
 
 
 def sqlstate_of(error: BaseException) -> str | None:
@@ -122,12 +138,12 @@ def _kind_of(error: BaseException) -> DatabaseErrorKind | None:
             return kind
     # Failures the driver raises without a SQLSTATE (bare connect errors, its own
     # statement timeout), which only the driver can tell apart from the app's own.
-    from .drivers import in_use  # here: the drivers import this module
-
-    for driver in in_use():
-        kind = driver.classify(error)
-        if kind is not None:
-            return kind
+    # Looked up at call time: the drivers import this module.
+    drivers = importlib.import_module(".drivers", __package__)
+    for driver in drivers.in_use():
+        driver_kind: DatabaseErrorKind | None = driver.classify(error)
+        if driver_kind is not None:
+            return driver_kind
     return None
 
 
@@ -136,6 +152,6 @@ def _sqlstate(error: BaseException) -> str | None:
     # psycopg's carry `sqlstate`, psycopg2's `pgcode`.
     for attribute in ("sqlstate", "pgcode"):
         value = getattr(error, attribute, None)
-        if isinstance(value, str) and len(value) == 5:
+        if isinstance(value, str) and len(value) == SQLSTATE_LENGTH:
             return value
     return None

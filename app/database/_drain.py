@@ -64,6 +64,13 @@ class Drain:
             if record.dbapi_connection is not None and not record.info.get(NOT_DRAINED)
         ]
 
+    async def cut_in_use(self) -> int:
+        """Cut the connections in use now (their server stalled); returns how many."""
+        remaining = self._live()
+        for record in remaining:
+            await greenlet_spawn(record.invalidate)
+        return len(remaining)
+
     async def close(self, grace: float) -> int:
         """Wait up to `grace` seconds for connections in use, cut the rest, dispose.
 
@@ -76,15 +83,13 @@ class Drain:
             await self._wait_for_release(grace)
         finally:
             # Also when the wait is cancelled: a half-closed engine would keep its pool.
-            remaining = self._live()
-            for record in remaining:
-                # In a greenlet, as the pool itself would: closing may await the driver.
-                await greenlet_spawn(record.invalidate)
+            # In a greenlet, as the pool itself would: closing may await the driver.
+            cut = await self.cut_in_use()
             await self._engine.dispose()
         # The cut connections' backends may still be running their statements: make
         # sure the server was asked to stop them before the process can exit.
         await cancels_sent()
-        return len(remaining)
+        return cut
 
     async def _wait_for_release(self, grace: float) -> None:
         deadline = time.monotonic() + grace

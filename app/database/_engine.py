@@ -1,4 +1,4 @@
-"""Building the engine: the package's defaults, its connection checks and its pool's shape."""
+"""Building the engine: the package's defaults and its connection checks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import Pool, QueuePool
 
 from ._closing import install_prompt_close
 from ._config import engine_options, parse_async_url
@@ -14,16 +13,14 @@ from ._connect_errors import install_connect_errors
 from ._guards import install_commit_guard
 from ._liveness import install_liveness_check
 from ._pooler import install_pooler_detection, install_pooler_guard
+from ._read_only import (
+    install_read_only_errors,
+    install_read_only_mode,
+    postgresql_switch,
+    sqlite_switch,
+)
 from ._session_state import install_session_state_reset
 from .drivers import driver_for, remember_driver
-
-
-def pool_capacity(pool: Pool) -> int | None:
-    """How many connections the pool can hand out at once; None if unbounded."""
-    if not isinstance(pool, QueuePool):
-        return None  # NullPool, StaticPool, ...: nothing to queue for
-    max_overflow: int = getattr(pool, "_max_overflow", -1)  # no public accessor
-    return None if max_overflow < 0 else pool.size() + max_overflow
 
 
 def build_engine(
@@ -38,21 +35,15 @@ def build_engine(
     cheap_liveness = driver is not None and "pool_pre_ping" not in engine_kwargs
     if cheap_liveness:
         options["pool_pre_ping"] = False
+    # The pool is built as the options say: the caller's sizes as given, the
+    # package's fixed pool (_config.POOL_DEFAULTS) only where none were passed.
     engine = create_async_engine(parsed, **options)
-    pool, capacity = engine.pool, pool_capacity(engine.pool)
-    if isinstance(pool, QueuePool) and capacity is not None and pool.size() < capacity:
-        # Keep every connection the pool may open: a QueuePool closes an overflow
-        # connection as it comes back and opens a new one for the next request, 51-57
-        # new PostgreSQL connections per 1000 requests at concurrency 32
-        # (benchmarks/request_path). No connection exists yet, so the first engine is
-        # simply dropped.
-        options.update(pool_size=capacity, max_overflow=0)
-        engine = create_async_engine(parsed, **options)
     sync_engine = engine.sync_engine
     if driver is not None:
         # First among the handle_error listeners: one that raises (the pooler
         # detection) stops SQLAlchemy from calling those after it.
         install_commit_guard(sync_engine, driver)
+        install_read_only_errors(sync_engine)
         remember_driver(sync_engine, driver)
         if cheap_liveness:
             install_liveness_check(sync_engine)
@@ -65,4 +56,8 @@ def build_engine(
         else:
             install_session_state_reset(sync_engine)
             install_pooler_detection(sync_engine, driver)
+            install_read_only_mode(sync_engine, postgresql_switch(driver))
+    elif engine.dialect.name == "sqlite":
+        install_read_only_errors(sync_engine)
+        install_read_only_mode(sync_engine, sqlite_switch)
     return engine

@@ -24,6 +24,13 @@ class TransactionAbortedError(RuntimeError):
     """COMMIT was attempted after a statement in the same transaction had failed."""
 
 
+class ReadOnlyTransactionError(RuntimeError):
+    """A read-only unit of work sent a write, which the server refused (SQLSTATE 25006).
+
+    Nothing was written; its `__cause__` is the refused statement.
+    """
+
+
 class CommitOutcomeUnknownError(RuntimeError):
     """The connection was lost, or timed out, after COMMIT was sent: it may have committed.
 

@@ -29,6 +29,17 @@ async def get_db() -> AsyncIterator[AsyncSession]:
 AsyncSessionDep = Annotated[AsyncSession, Depends(get_db, scope="function")]
 
 
+async def get_read_db() -> AsyncIterator[AsyncSession]:
+    """Yield one read-only session per request: on a replica when one can serve it."""
+    async with session_manager.session(read_only=True) as session:
+        yield session
+
+
+# Function-scoped like AsyncSessionDep: the connection goes back to the pool before
+# the response is sent.
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_db, scope="function")]
+
+
 def session_dependency(
     *, isolation_level: str | None = None, read_only: bool = False, deferrable: bool = False
 ) -> Callable[[], AsyncIterator[AsyncSession]]:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.util import await_only
 
+from . import _signals as signals
 from .drivers import driver_of
 
 # A connection checked in this recently is taken as alive without a round trip:
@@ -46,6 +47,8 @@ def _ensure_alive(
     # Raising DisconnectionError makes the pool discard this connection and try
     # another (SQLAlchemy retries the checkout), so the request never sees it.
     if driver.is_closed(connection):
+        if signals.liveness_checked:
+            signals.liveness_checked(record, "closed")
         raise DisconnectionError("the server closed this pooled connection")
     checked_in = record.info.get(_LAST_CHECKIN)
     fresh = checked_in is None or time.monotonic() - checked_in < FRESH_SECONDS
@@ -55,4 +58,8 @@ def _ensure_alive(
         # Not ";": asyncpg 0.32 fails on the empty query's missing command tag.
         await_only(driver.run_simple(connection, "SELECT 1", PING_TIMEOUT_SECONDS))
     except Exception as error:
+        if signals.liveness_checked:
+            signals.liveness_checked(record, "ping_failed")
         raise DisconnectionError(f"ping failed: {type(error).__name__}") from error
+    if signals.liveness_checked:
+        signals.liveness_checked(record, "alive")

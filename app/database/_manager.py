@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from ._classify import DatabaseErrorKind, classify_error, sqlstate_of
+from ._config import parse_async_url
 from ._drain import Drain
 from ._engine import build_engine
 from ._errors import (
@@ -29,6 +30,28 @@ from ._errors import (
 )
 from ._exhaustion import pool_exhaustion_explained
 from ._guards import GuardedSession
+from ._read_only import (
+    AUTOCOMMIT_READS,
+    ReadOnlySession,
+    read_only_options,
+    read_only_savepoint,
+    read_only_transaction_options,
+)
+from ._replicas import (
+    MAX_REPLICA_LAG_SECONDS,
+    MIN_REPLICA_LAG_SECONDS,
+    PROBE_INTERVAL_SECONDS,
+    REPLAYED_SQL,
+    Failover,
+    Replica,
+    Replicas,
+    ReplicaSession,
+    could_not_connect,
+    install_commit_positions,
+    probe_engine_options,
+    probing_engine,
+    server_name,
+)
 from ._retry import (
     DEFAULT_ATTEMPTS,
     allow_final_commit,
@@ -37,7 +60,11 @@ from ._retry import (
     in_retried_unit,
     run_with_retries,
 )
+from ._signals import announce_engines, retire_engines
+from ._sqlalchemy_release import warn_below_floor
 from ._transaction_options import transaction_options
+from ._units import observed_unit
+from ._wal_position import UNKNOWN_POSITION, ensure_floor, required_position
 
 T = TypeVar("T")
 
@@ -73,6 +100,10 @@ class DatabaseSessionManager:
         self._engine: AsyncEngine | None = None
         self._drain: Drain | None = None
         self._sessionmaker: async_sessionmaker[AsyncSession] | None = None
+        self._transaction_pooler = False
+        self._replicas: Replicas | None = None
+        # Engines bound with a unit's execution options, by (engine, options): built once.
+        self._bound_engines: dict[tuple[int, frozenset[tuple[str, Any]]], AsyncEngine] = {}
         # One per close() still draining an engine, set when its drain is over.
         self._draining: set[asyncio.Event] = set()
 
@@ -83,16 +114,28 @@ class DatabaseSessionManager:
         return f"<DatabaseSessionManager {self._state.value} url={url!r}>"
 
     def init(
-        self, url: str | URL, *, transaction_pooler: bool = False, **engine_kwargs: Any
+        self,
+        url: str | URL,
+        *,
+        transaction_pooler: bool = False,
+        replica_urls: Sequence[str | URL] = (),
+        max_replica_lag: float = MAX_REPLICA_LAG_SECONDS,
+        **engine_kwargs: Any,
     ) -> None:
         """Create the engine and session factory; call once at start-up.
+
+        `replica_urls`: streaming replicas of `url`'s server, each given a pool sized
+        like the primary's, for read-only units of work; one lagging more than
+        `max_replica_lag` seconds, down or stalled is left out until it recovers.
 
         `engine_kwargs` go to `create_async_engine` and override the defaults
         (`pool_recycle=3600`, `hide_parameters=True`, `pool_timeout=5`; for asyncpg
         and psycopg the package's liveness check and bounded connect (5 s) and
-        statement (30 s) timeouts; for other drivers `pool_pre_ping=True`). A QueuePool is
-        built to keep all `pool_size + max_overflow` connections, most recently
-        used first. Nothing connects yet: the first session opens the first one.
+        statement (30 s) timeouts; for other drivers `pool_pre_ping=True`), and the
+        pool's shape (15 kept connections, no overflow, most recently used first)
+        where the caller gives none; what the caller passes is used as given (the
+        package README's "Defaults" lists them all). Nothing connects yet: the first
+        session opens the first one.
         """
         if self._state is _State.OPEN:
             raise DatabaseAlreadyInitializedError(
@@ -103,11 +146,18 @@ class DatabaseSessionManager:
             raise DatabaseConfigError(
                 f"transaction_pooler must be True or False, got {transaction_pooler!r}"
             )
+        warn_below_floor()
         engine = build_engine(url, engine_kwargs, transaction_pooler=transaction_pooler)
+        self._replicas = self._build_replicas(
+            engine, replica_urls, max_replica_lag, engine_kwargs, transaction_pooler
+        )
+        self._transaction_pooler = transaction_pooler
         self._drain = Drain(engine, refusal=self._not_open_error)
         self._sessionmaker = async_sessionmaker(engine, **SESSION_OPTIONS)
         self._engine = engine
         self._state = _State.OPEN
+        replicas = self._replicas.replicas if self._replicas else []
+        announce_engines(engine, [replica.engine for replica in replicas])  # to observers
 
     async def close(self, *, grace: float = CLOSE_GRACE_SECONDS) -> None:
         """Dispose of the engine and its pool; safe to call twice or before `init()`.
@@ -118,19 +168,24 @@ class DatabaseSessionManager:
         Every call returns only once every drain in progress is over, including one
         a concurrent call started (whose `grace` then applies, not this call's).
         """
-        engine, drain = self._engine, self._drain
+        engine, drain, replicas = self._engine, self._drain, self._replicas
         if engine is not None and drain is not None:
             # Refuse new sessions before awaiting, so none starts on a pool being disposed.
             self._engine = None
             self._drain = None
             self._sessionmaker = None
+            self._replicas = None
+            self._bound_engines.clear()
             self._state = _State.CLOSED
             drained = asyncio.Event()
             self._draining.add(drained)
             try:
-                # Cancelled, it still cuts the connections and disposes before raising.
-                await drain.close(grace)
+                # Cancelled, each still cuts its connections and disposes before raising.
+                await asyncio.gather(
+                    drain.close(grace), *([replicas.close(grace)] if replicas else [])
+                )
             finally:
+                retire_engines(engine, [r.engine for r in replicas.replicas] if replicas else [])
                 self._draining.discard(drained)
                 drained.set()
         # A signal handler's and the lifespan's close() may overlap, and init() may
@@ -145,6 +200,7 @@ class DatabaseSessionManager:
             raise self._not_open_error()
         return self._engine
 
+    @observed_unit  # its outcome, duration and statements, while an observer is on
     @asynccontextmanager
     async def session(
         self,
@@ -161,43 +217,210 @@ class DatabaseSessionManager:
         `isolation_level` ("SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED"),
         `read_only` and `deferrable` apply to this unit's transaction only. A
         connection lost at COMMIT raises `CommitOutcomeUnknownError`.
+
+        `read_only=True` alone runs each statement as its own read-only implicit
+        transaction (one round trip each), on a replica if one is usable and has
+        replayed this task's last commit, else on the primary; with an
+        `isolation_level` it is one read-only transaction (one snapshot, for
+        "REPEATABLE READ"). A write in it raises `ReadOnlyTransactionError`.
         """
         options = transaction_options(isolation_level, read_only, deferrable)
         if self._sessionmaker is None or self._engine is None:
             raise self._not_open_error()
-        overrides: dict[str, Any] = {}
         joined = isinstance(self._sessionmaker.kw.get("bind"), AsyncConnection)
-        if options and not joined:
-            # On the engine, not on the session's first connection: they then hold for
-            # every transaction of the unit, also after an explicit commit().
-            overrides["bind"] = self._engine_with(options)
+        # Before any work: a commit in a task this one starts then raises this task's
+        # floor too (read-your-writes), not only the child's.
+        ensure_floor()
         # The pool's timeout becomes PoolExhaustedError, whose message names the fixes.
         with pool_exhaustion_explained():
+            if read_only and not joined:
+                session = await self._read_session(options)
+            elif options and not joined:
+                # On the engine, not on the session's first connection: they then hold
+                # for every transaction of the unit, also after an explicit commit().
+                session = self._sessionmaker(bind=self._engine_with(self.engine, options))
+            else:
+                session = self._sessionmaker()
             # Its exit closes the session in a task of its own and waits for that
             # through cancellations (SQLAlchemy >= 2.0.58, the floor in pyproject.toml):
             # the block is left only once the connection is back in the pool.
-            async with self._sessionmaker(**overrides) as session:
+            async with session:
                 if in_retried_unit():
                     forbid_intermediate_commits(session)
                 if joined and read_only:
-                    # Joined to a test's open transaction, whose level cannot change:
-                    # read-only can, inside the session's savepoint, which ends it. So
-                    # a write in a read-only unit fails in tests as in production.
-                    await session.execute(text("SET TRANSACTION READ ONLY"))
-                yield session
-                # Reached only when the block did not raise: commit whatever is pending,
-                # including work done after an explicit commit() inside the block.
-                await _commit(session)
+                    async with read_only_savepoint(session):
+                        yield session
+                else:
+                    yield session
+                # Reached only when the block did not raise: commit whatever is
+                # pending, including work done after an explicit commit() in the block.
+                await _commit(session, read_only=read_only)
 
-    def _engine_with(self, options: dict[str, Any]) -> AsyncEngine:
-        engine = self.engine
+    async def _read_session(self, options: dict[str, Any]) -> AsyncSession:
+        """A read-only unit's session, on a replica that can serve it, else on the primary."""
+        session = await self._replica_session(options)
+        if session is None:
+            session = self._sessionmaker(  # type: ignore[misc]
+                bind=self._read_engine(self.engine, options), sync_session_class=ReadOnlySession
+            )
+        if self._autocommit_reads(options):
+            session.info[AUTOCOMMIT_READS] = True
+        return session
+
+    async def _replica_session(self, options: dict[str, Any]) -> AsyncSession | None:
+        replicas = self._replicas
+        if replicas is None:
+            return None
+        if options.get("isolation_level") == "SERIALIZABLE":
+            return None  # a hot standby refuses serializable mode; the primary serves it
+        position = required_position(within=replicas.floor_lifetime)
+        if position == UNKNOWN_POSITION:
+            return None  # a write whose position is unknown: no replica can be shown to have it
+        replica = replicas.pick(position)
+        if replica is not None:
+            session = self._sessionmaker(  # type: ignore[misc]
+                bind=self._read_engine(replica.engine, options), sync_session_class=ReplicaSession
+            )
+            try:
+                serves = await self._replica_serves(session, replicas, replica, position)
+            except Exception as error:
+                await session.close()
+                if not could_not_connect(error):
+                    raise
+                replicas.set_aside(replica, error)
+            except BaseException:
+                await session.close()
+                raise
+            else:
+                if serves:
+                    snapshot = not self._autocommit_reads(options)
+                    primary = self._read_engine(self.engine, options).sync_engine
+                    Failover(replicas, replica, primary, snapshot).arm(session)
+                    return session
+                await session.close()
+        return None
+
+    def _autocommit_reads(self, options: dict[str, Any]) -> bool:
+        return "isolation_level" not in options and not self._transaction_pooler
+
+    @staticmethod
+    async def _replica_serves(
+        session: AsyncSession, replicas: Replicas, replica: Replica, position: int
+    ) -> bool:
+        # Connected now, before the unit runs: a replica that is down or refuses is
+        # found while the primary can still take the whole unit.
+        connection = await session.connection()
+        if replica.replayed >= position:
+            return True  # the last probe already saw it replayed that far: no round trip
+        replayed = await connection.scalar(REPLAYED_SQL)
+        replicas.note_replayed(replica, int(replayed or 0))
+        return replica.replayed >= position
+
+    def _read_engine(self, engine: AsyncEngine, options: dict[str, Any]) -> AsyncEngine:
+        """`engine` bound for a read-only unit with `options` (transaction_options')."""
+        if not self._autocommit_reads(options):
+            # One read-only transaction: a snapshot for the unit, or, behind a transaction
+            # pooler, where a session default would leak, BEGIN READ ONLY each time.
+            return self._engine_with(engine, read_only_transaction_options(options))
+        if engine.dialect.name not in ("postgresql", "sqlite"):
+            raise DatabaseConfigError(
+                f"read_only=True is for PostgreSQL and SQLite engines; this one is "
+                f"{engine.dialect.name}: call session() without it"
+            )
+        return self._with_options(engine, read_only_options())
+
+    def _engine_with(self, engine: AsyncEngine, options: dict[str, Any]) -> AsyncEngine:
         if engine.dialect.name != "postgresql":
             raise DatabaseConfigError(
-                "isolation_level, read_only and deferrable are for PostgreSQL engines; "
+                "isolation_level and deferrable are for PostgreSQL engines; "
                 f"this one is {engine.dialect.name}: call session() without them"
             )
-        # Shares the engine's pool and its listeners.
-        return engine.execution_options(**options)
+        return self._with_options(engine, options)
+
+    def _with_options(self, engine: AsyncEngine, options: dict[str, Any]) -> AsyncEngine:
+        key = (id(engine), frozenset(options.items()))
+        if key not in self._bound_engines:
+            # Shares the engine's pool and its listeners.
+            self._bound_engines[key] = engine.execution_options(**options)
+        return self._bound_engines[key]
+
+    def _build_replicas(
+        self,
+        primary: AsyncEngine,
+        urls: Sequence[str | URL],
+        max_lag: float,
+        engine_kwargs: dict[str, Any],
+        transaction_pooler: bool,
+    ) -> Replicas | None:
+        if isinstance(urls, (str, URL)) or not isinstance(urls, Sequence):
+            raise DatabaseConfigError(
+                "replica_urls must be a list of URLs, e.g. replica_urls=[url_1, url_2], "
+                f"not a {type(urls).__name__}"
+            )
+        if (
+            isinstance(max_lag, bool)
+            or not isinstance(max_lag, (int, float))
+            or not MIN_REPLICA_LAG_SECONDS <= max_lag < math.inf
+        ):
+            # Below that, the lag measured between two probes would cross it every time.
+            raise DatabaseConfigError(
+                f"max_replica_lag must be a finite number of seconds >= "
+                f"{MIN_REPLICA_LAG_SECONDS} (the replicas are probed every "
+                f"{PROBE_INTERVAL_SECONDS} s), got {max_lag!r}"
+            )
+        if not urls:
+            return None
+        if str(engine_kwargs.get("isolation_level", "")).upper() == "SERIALIZABLE":
+            raise DatabaseConfigError(
+                "isolation_level='SERIALIZABLE' for the whole engine cannot run on a hot "
+                "standby, which refuses serializable mode: give it per unit of work "
+                "(session(isolation_level='SERIALIZABLE'); such read-only units run on "
+                "the primary), or drop replica_urls"
+            )
+        if primary.dialect.name != "postgresql":
+            raise DatabaseConfigError(
+                f"replica_urls are for PostgreSQL streaming replicas; the primary is "
+                f"{primary.dialect.name}: drop replica_urls"
+            )
+        replicas = []
+        for index, url in enumerate(urls):
+            try:
+                parsed = parse_async_url(url)
+            except DatabaseConfigError as error:
+                raise DatabaseConfigError(f"replica_urls[{index}]: {error}") from None
+            if parsed.drivername != primary.url.drivername:
+                raise DatabaseConfigError(
+                    f"replica_urls[{index}] uses '{parsed.drivername}' but the primary "
+                    f"'{primary.url.drivername}': use the same driver for both, so that "
+                    "a read behaves (types, errors, timeouts) wherever it runs"
+                )
+            engine = build_engine(parsed, engine_kwargs, transaction_pooler=transaction_pooler)
+            drain = Drain(engine, refusal=self._not_open_error)
+            probes = build_engine(
+                parsed, probe_engine_options(engine_kwargs), transaction_pooler=transaction_pooler
+            )
+            replicas.append(
+                Replica(server_name(parsed), engine, drain, probe_engine=probing_engine(probes))
+            )
+        result = Replicas(probing_engine(primary), replicas, float(max_lag))
+        install_commit_positions(
+            primary.sync_engine, result.note_primary_position, result.floor_lifetime
+        )
+        return result
+
+    async def verify_replicas(self) -> None:
+        """Probe the replicas now (start-up): `DatabaseConfigError` if one is not a standby.
+
+        A replica that is down is not an error: it is used once it answers.
+        """
+        if self._engine is None:
+            raise self._not_open_error()
+        if self._replicas is not None:
+            await self._replicas.verify()
+
+    def replica_status(self) -> list[dict[str, Any]]:
+        """Each replica's name (no credentials), whether reads use it, its lag, its last failure."""
+        return [] if self._replicas is None else self._replicas.status()
 
     async def run_in_transaction(
         self,
@@ -262,7 +485,7 @@ class DatabaseSessionManager:
         )
 
 
-async def _commit(session: AsyncSession) -> None:
+async def _commit(session: AsyncSession, *, read_only: bool) -> None:
     # Flushed first, so that a failure to connect or to write is known to have
     # committed nothing: only the COMMIT itself can leave the outcome unknown.
     await session.flush()
@@ -272,7 +495,9 @@ async def _commit(session: AsyncSession) -> None:
     except TransactionAbortedError:
         raise  # refused before COMMIT was sent
     except Exception as error:
-        if _outcome_unknown(error):
+        # A read-only transaction wrote nothing: its lost COMMIT is a plain connection
+        # failure (503, worth retrying), not an unknown outcome.
+        if not read_only and _outcome_unknown(error):
             raise CommitOutcomeUnknownError(
                 "the connection was lost before COMMIT was answered: the transaction "
                 "may or may not have committed, so it is not retried; check the data, "

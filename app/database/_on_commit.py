@@ -28,7 +28,8 @@ from sqlalchemy.util import await_only
 
 from ._guards import GuardedSession, _connections_of
 
-logger = logging.getLogger("app.database")
+# Named after the package, wherever the service put it (app.database here).
+logger = logging.getLogger(__package__)
 
 OnCommitCallback = Callable[[], object]
 """A zero-argument callable; if it returns an awaitable, that is awaited."""
@@ -70,7 +71,7 @@ def on_commit(session: AsyncSession | Session, callback: OnCommitCallback) -> No
     (an `async def` function does), that is awaited. Callbacks run in registration
     order, before `commit()` (and so `session()`'s exit, or `AsyncSessionDep`'s,
     before the response) returns. A callback that raises is logged at ERROR on
-    the `app.database` logger and the others still run: the data stays committed
+    the package's logger (`app.database` here) and the others still run: the data stays committed
     and nothing is raised to the caller. Cancellation is not swallowed.
     Never run if the transaction rolls back; a callback registered inside
     `begin_nested()` is dropped if that savepoint rolls back.
@@ -78,8 +79,8 @@ def on_commit(session: AsyncSession | Session, callback: OnCommitCallback) -> No
     sync_session = session.sync_session if isinstance(session, AsyncSession) else session
     if not isinstance(sync_session, GuardedSession):
         raise TypeError(
-            "on_commit() needs a session of app.database (session_manager.session(), "
-            "AsyncSessionDep, get_db, or app.database.testing's joined_session()): only "
+            f"on_commit() needs a session of {__package__} (session_manager.session(), "
+            f"AsyncSessionDep, get_db, or {__package__}.testing's joined_session()): only "
             f"their commits run callbacks; got a {type(sync_session).__qualname__}"
         )
     if not callable(callback):

@@ -18,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from . import _signals as signals
 from ._classify import DatabaseErrorKind, classify_error
 from ._errors import DatabaseConfigError
 from ._guards import GuardedSession
@@ -30,7 +31,8 @@ DEFAULT_ATTEMPTS = 3
 RETRY_BASE_SECONDS = 0.01
 RETRY_MAX_SECONDS = 0.5
 
-logger = logging.getLogger("app.database")
+# Named after the package, wherever the service put it (app.database here).
+logger = logging.getLogger(__package__)
 
 # Set while an attempt runs: the sessions it opens (session(), get_db) belong to a
 # unit of work that may run again, so they must not commit before its end.
@@ -55,6 +57,11 @@ def forbid_intermediate_commits(session: AsyncSession) -> None:
 def allow_final_commit(session: AsyncSession) -> None:
     """Mark the commit about to happen as the unit of work's own, at its end."""
     session.sync_session.info[_FINAL_COMMIT] = True
+
+
+def final_commit_started(session: AsyncSession) -> bool:
+    """Whether the unit's own commit was reached (its flush succeeded), for observers."""
+    return bool(session.sync_session.info.get(_FINAL_COMMIT))
 
 
 @event.listens_for(GuardedSession, "before_commit")
@@ -101,6 +108,8 @@ async def run_with_retries(run: Callable[[], Awaitable[T]], attempts: int, what:
         except Exception as error:
             if attempt == attempts or classify_error(error) is not DatabaseErrorKind.RETRYABLE:
                 raise
+            if signals.unit_retried:
+                signals.unit_retried(what, attempt, error)
             logger.info(
                 "%s lost to a concurrent transaction (%s); running it again, attempt %d of %d",
                 what,

@@ -15,13 +15,17 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolResetState
 from sqlalchemy.util import await_only
 
+from . import _signals as signals
+from ._read_only import READ_ONLY_DEFAULT
 from ._session_statements import session_effects
 from .drivers import driver_of
 
-logger = logging.getLogger("app.database")
+# Named after the package, wherever the service put it (app.database here).
+logger = logging.getLogger(__package__)
 
 # What the pooled connection's `info` records: "reset" (one message puts it back
 # to new) or "discard" (nothing can undo it: close the connection).
@@ -105,9 +109,14 @@ def _read_connect_state(dbapi_connection: Any, record: ConnectionPoolEntry, _: A
     try:
         state = await_only(driver.fetch_value(connection, CONNECT_STATE_SQL, RESET_TIMEOUT_SECONDS))
     except Exception as error:
+        if driver.is_closed(connection):
+            # Died meanwhile (the server shut down): the pool discards it and checks
+            # out another, as for a failed liveness check.
+            raise DisconnectionError(
+                f"reading a new connection's session state failed: {type(error).__name__}"
+            ) from error
         # Not fatal (a server without one of these catalogs): the connection serves,
-        # and is closed instead of reset if it ever needs a reset. A dead one fails
-        # its first statement as it would have anyway.
+        # and is closed instead of reset if it ever needs a reset.
         logger.warning(
             "reading a new connection's session state failed (%s): a connection that "
             "changes session state will be closed instead of reset",
@@ -129,6 +138,8 @@ def _reset_session_state(
         # terminate anyway), or no reset undoes it, or nothing says what to restore:
         # close it rather than reuse it.
         record.invalidate()
+        if signals.session_state_reset:
+            signals.session_state_reset(record, "closed")
         return
     driver, connection = driver_of(record), dbapi_connection.driver_connection
     try:
@@ -141,6 +152,13 @@ def _reset_session_state(
         restore = record.info.get(_CONNECT_STATE)
         reset = f"{RESET_SQL}; {restore}" if restore else RESET_SQL
         await_only(driver.run_simple(connection, reset, RESET_TIMEOUT_SECONDS))
+        # RESET ALL also put a read-only unit's session default back to READ WRITE.
+        record.info.pop(READ_ONLY_DEFAULT, None)
     except Exception as error:
         # Failed, timed out, or the connection is gone: never return it dirty.
         record.invalidate(error)
+        if signals.session_state_reset:
+            signals.session_state_reset(record, "failed")
+    else:
+        if signals.session_state_reset:
+            signals.session_state_reset(record, "reset")

@@ -53,6 +53,8 @@ _SESSION_FUNCTION = re.compile(
     re.IGNORECASE,
 )
 # set_config's is_local argument written as a constant true: transaction-scoped.
+# set_config(name, value, is_local): the third argument says whether it is LOCAL.
+_SET_CONFIG_ARGUMENTS = 3
 _TRUE = frozenset({"true", "'true'", "'t'", "'on'", "'yes'", "'1'", "true::boolean"})
 # A cursor or temp table that ends with its transaction, though it is declared by
 # a statement that can also make one outlive it.
@@ -136,4 +138,6 @@ def _is_local(statement: str, start: int) -> bool:
         elif character == ")":
             depth -= 1
     # A bound parameter ($3) could be either: counted as session-level.
-    return len(arguments) == 3 and " ".join(arguments[2].split()).lower() in _TRUE
+    return (
+        len(arguments) == _SET_CONFIG_ARGUMENTS and " ".join(arguments[2].split()).lower() in _TRUE
+    )

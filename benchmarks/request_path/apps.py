@@ -1,15 +1,17 @@
-"""The variants built from what the main venv has: raw, the seed pattern, ours.
+"""The variants built from what the main venv has: raw, the seed pattern, ours, ours_read.
 
 Each factory takes the URL (its driver, `postgresql+asyncpg` or `postgresql+psycopg`,
 and where to connect: the server or PgBouncer) and whether a transaction pooler
-is in the way, and returns a fresh FastAPI app whose lifespan opens and closes its
-pool, so the same code serves in-process calls and a real uvicorn server.
+is in the way (ours and ours_read also take the replicas their reads may use), and
+returns a fresh FastAPI app whose lifespan opens and closes its pool, so the same
+code serves in-process calls and a real uvicorn server.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves a route's annotations
 # in the module's globals, where the closures' local dependencies are not found.
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 from uuid import uuid4
@@ -43,6 +45,9 @@ from .shape import (
     RowOut,
     row_out,
 )
+
+# The manager waits CLOSE_GRACE_SECONDS (10 s) for units in use before it cuts them.
+CLOSE_TIMEOUT_SECONDS = 30.0
 
 
 def pooler_connect_args(url: URL) -> dict[str, Any]:
@@ -184,27 +189,90 @@ def seed_app(url: URL, pooled: bool) -> FastAPI:
     return add_session_routes(FastAPI(lifespan=disposing(engine)), Depends(get_db))
 
 
-def ours_app(url: URL, pooled: bool) -> FastAPI:
+def ours_app(url: URL, pooled: bool, replica_urls: Sequence[URL] = ()) -> FastAPI:
     """(c) This repository's package: its defaults, its dependency, on a manager of our own.
 
-    Behind a pooler, `transaction_pooler=True`, as its README says; nothing else.
+    Behind a pooler, `transaction_pooler=True`, as its README says; nothing else. With
+    `replica_urls` (the `replica` deployment) every unit still runs on the primary, as
+    AsyncSessionDep's do, and pays what remembering its commit's WAL position costs.
     """
     manager = DatabaseSessionManager()
+    return add_session_routes(
+        FastAPI(lifespan=_managing(manager, url, pooled, replica_urls)),
+        Depends(_session_dependency(manager, read_only=False), scope="function"),
+    )
 
-    # What app/database/_fastapi.py does, on this manager instead of the global one.
+
+def ours_read_app(url: URL, pooled: bool, replica_urls: Sequence[URL] = ()) -> FastAPI:
+    """(c') Ours as a read-heavy app would use it: GET through ReadSessionDep, POST as ours.
+
+    The GET's unit is `session(read_only=True)`: one read-only implicit transaction per
+    statement, on a replica when `replica_urls` names one that can serve it.
+    """
+    manager = DatabaseSessionManager()
+    return add_session_routes(
+        FastAPI(lifespan=_managing(manager, url, pooled, replica_urls)),
+        Depends(_session_dependency(manager, read_only=False), scope="function"),
+        read_depends=Depends(_session_dependency(manager, read_only=True), scope="function"),
+    )
+
+
+def _session_dependency(
+    manager: DatabaseSessionManager, *, read_only: bool
+) -> Callable[[], AsyncIterator[AsyncSession]]:
+    """What app/database/_fastapi.py's get_db (or get_read_db) does, on `manager` instead
+    of the global one."""
+
     async def get_db() -> AsyncIterator[AsyncSession]:
-        async with manager.session() as session:
+        async with manager.session(read_only=read_only) as session:
             yield session
+
+    return get_db
+
+
+def _managing(
+    manager: DatabaseSessionManager, url: URL, pooled: bool, replica_urls: Sequence[URL]
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """A lifespan that opens `manager` on `url` (and its replicas) and closes it."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        manager.init(url, transaction_pooler=pooled, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+        manager.init(
+            url,
+            transaction_pooler=pooled,
+            replica_urls=list(replica_urls),
+            # The package's default shape, a fixed pool, at the capacity every variant
+            # has. 5 + 10 overflow, now taken as given, would close and reopen overflow
+            # connections under load, as SQLAlchemy's QueuePool does for the peers.
+            pool_size=POOL_CAPACITY,
+            max_overflow=0,
+        )
         try:
+            if replica_urls:
+                # The start-up probe the package offers: without it the first reads
+                # go to the primary until the background probe has seen the replica.
+                await manager.verify_replicas()
             yield
         finally:
-            await manager.close()
+            await _close(manager)
 
-    return add_session_routes(FastAPI(lifespan=lifespan), Depends(get_db, scope="function"))
+    return lifespan
+
+
+async def _close(manager: DatabaseSessionManager) -> None:
+    """`manager.close()`, or an error if it has not returned within CLOSE_TIMEOUT_SECONDS.
+
+    With replicas, close() waits for its probe task to end, and that task has been
+    seen to ignore its cancellation (Python 3.11): a run then fails here, saying
+    so, instead of hanging.
+    """
+    closing = asyncio.ensure_future(manager.close())
+    done, _ = await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT_SECONDS)
+    if not done:
+        raise RuntimeError(
+            f"DatabaseSessionManager.close() had not returned after {CLOSE_TIMEOUT_SECONDS:g} s"
+        )
+    closing.result()
 
 
 def pooler_engine_options(url: URL, pooled: bool) -> dict[str, Any]:
@@ -225,11 +293,13 @@ def disposing(engine: AsyncEngine) -> Callable[[FastAPI], AbstractAsyncContextMa
     return lifespan
 
 
-def add_session_routes(app: FastAPI, depends: Any) -> FastAPI:
-    """The two routes, the same for every variant whose session comes from `depends`."""
+def add_session_routes(app: FastAPI, depends: Any, read_depends: Any = None) -> FastAPI:
+    """The two routes, the same for every variant whose session comes from `depends`
+    (the GET's from `read_depends`, if given)."""
+    get_depends = depends if read_depends is None else read_depends
 
     @app.get("/rows/{row_id}")
-    async def get_row(row_id: int, session: Annotated[AsyncSession, depends]) -> RowOut:
+    async def get_row(row_id: int, session: Annotated[AsyncSession, get_depends]) -> RowOut:
         row = (await session.execute(SELECT_ROW_TEXT, {"id": row_id})).mappings().one_or_none()
         if row is None:
             raise HTTPException(404, "no such row")

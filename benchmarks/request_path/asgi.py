@@ -83,7 +83,12 @@ class AsgiClient:
                 if not message.get("more_body", False):
                     response_done.set()
 
-        await self._app(scope, receive, send)
+        # A task per request, as an ASGI server runs each: the request gets a copy of
+        # the context, so what it sets in a context variable ends with it. Called in
+        # the worker's own task, a request would inherit what the worker's previous
+        # ones set: app.database's read-your-writes floor, remembered after a commit,
+        # would hold the same worker's later reads to a replica that replayed it.
+        await asyncio.ensure_future(self._app(scope, receive, send))
         return status, b"".join(chunks)
 
 

@@ -17,6 +17,8 @@ from .shape import INITIAL_ROWS
 
 GET_SHARE = 0.8
 """80 % GET /rows/{id}, 20 % POST /rows, mixed in one seeded sequence."""
+GET_ONLY = 1.0
+"""`--get-only`: every timed call is a GET, the scenario of a read-heavy API."""
 
 
 def plan(variant: str, count: int, rng: random.Random, get_share: float = GET_SHARE) -> list[Call]:

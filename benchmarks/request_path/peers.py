@@ -26,13 +26,15 @@ from .shape import (
     row_out,
 )
 
+BENCH_HINT = "`make bench` installs requirements-bench.txt"
 
-def missing(module: str, distribution: str) -> str | None:
+
+def missing(module: str, distribution: str, hint: str = BENCH_HINT) -> str | None:
     """Why the peer `module` cannot run here, or None if it imports."""
     try:
         importlib.import_module(module)
     except ModuleNotFoundError:
-        return f"{distribution} is not installed (`make bench` installs requirements-bench.txt)"
+        return f"{distribution} is not installed ({hint})"
     except ImportError as error:  # installed, but broken against these versions
         return f"{distribution} does not import: {error}"
     return None

@@ -16,11 +16,14 @@ from importlib import metadata
 from . import pgbouncer
 from .load import GET_SHARE
 from .timing import CONCURRENCIES, batch_size
-from .variants import Configuration
+from .variants import SERVER_STACKS, Configuration
 
 DISTRIBUTIONS = (
     *("fastapi", "starlette", "pydantic", "sqlalchemy", "asyncpg", "psycopg", "psycopg-binary"),
-    *("psycopg-pool", "uvicorn", "httpx", "advanced-alchemy", "fastapi-async-sqlalchemy"),
+    *("psycopg-pool", "uvicorn", "uvloop", "httptools", "httpx"),
+    *("advanced-alchemy", "fastapi-async-sqlalchemy"),
+    # ours_otel's; the --http pass's stacks are uvicorn's asyncio+h11 and uvloop+httptools.
+    *("opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy"),
 )
 
 
@@ -60,6 +63,11 @@ def header(
     versions += [_version(name) for name in DISTRIBUTIONS]
     if any(conf.pooled for conf in configurations):
         versions.append(pgbouncer.version())
+    mix = (
+        "GET /rows/{id} only"
+        if options.get_only
+        else f"{GET_SHARE:.0%} GET /rows/{{id}} and {1 - GET_SHARE:.0%} POST /rows, mixed"
+    )
     lines = [
         f"command: {shlex.join(['python', '-m', 'benchmarks.request_path', *argv])}",
         f"seed: {options.seed} (pass --seed {options.seed} to repeat this order and load)",
@@ -67,10 +75,15 @@ def header(
         f"app.database at: {package_revision()}",
         f"configurations: {len(configurations)} (drivers {','.join(options.drivers)}; "
         f"deployments {','.join(options.deployments)})",
-        f"load: {GET_SHARE:.0%} GET /rows/{{id}} and {1 - GET_SHARE:.0%} POST /rows, mixed; "
-        f"{options.rounds} rounds, each opening every configuration in a shuffled order for "
-        f"a warm-up of {options.warm_up} requests, then one batch per concurrency "
-        f"({options.requests} requests at c={max(CONCURRENCIES)}, {low} at c=1); "
-        "apps called in-process through ASGI",
+        f"load: {mix}; {options.rounds} rounds, each opening every configuration in a "
+        f"shuffled order for a warm-up of {options.warm_up} requests, then one batch per "
+        f"concurrency ({options.requests} requests at c={max(CONCURRENCIES)}, {low} at c=1); "
+        "apps called in-process through ASGI"
+        + (
+            "; then over HTTP, each configuration under uvicorn twice: "
+            + " and ".join(f"loop={loop} http={http}" for loop, http in SERVER_STACKS.values())
+            if options.http
+            else ""
+        ),
     ]
     return lines + [f"skipped {note}" for note in skipped]

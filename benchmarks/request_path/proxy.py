@@ -8,13 +8,20 @@ messages, which is how asyncpg prepares a statement (Parse, Describe, Flush: it
 waits for the description before it binds); or a simple Query ('Q': BEGIN,
 COMMIT, ROLLBACK, the ping `;`, asyncpg's reset). Every byte is forwarded
 unchanged; only the client's messages are parsed, to count and name them.
+
+Proxies that share a `Tally` count as one: a primary's and its replica's, for an
+app that reads from the replica. The statements app.database sends about replicas
+are named for what they are (`PACKAGE_STATEMENTS`), so that its background probes
+can be told from a request's round trips.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 # Startup-phase requests that ask for encryption; answered 'N' here, so that the
@@ -22,19 +29,64 @@ from typing import Any
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
 CHUNK = 65536
+# (a fragment of the statement's text, its label): app.database's statements about
+# replicas (app/database/_replicas.py), first match wins. The probe reads both
+# pg_is_in_recovery() and the replay position, so it comes first.
+PACKAGE_STATEMENTS = (
+    ("pg_is_in_recovery", "replica probe"),
+    ("pg_current_wal_insert_lsn", "WAL position"),
+    ("pg_last_wal_replay_lsn", "replay position"),
+)
+REPLICA_PROBE = "replica probe"
+WAL_POSITION = "WAL position"
+
+
+@dataclass
+class Tally:
+    """What the proxies sharing it counted since the last reset."""
+
+    round_trips: int = 0
+    connections: int = 0
+    trace: list[str] = field(default_factory=list)
+    by_label: Counter[str] = field(default_factory=Counter)
+    recording: bool = False
+    replica_probes: int = 0  # executed since the tally was made: reset() keeps it
+
+    def reset(self, record: bool = False) -> None:
+        """Zero the counts; with `record`, name each round trip in `trace` from now on."""
+        self.round_trips = self.connections = 0
+        self.trace = []
+        self.by_label = Counter()
+        self.recording = record
 
 
 class RoundTripProxy:
-    """Listens on 127.0.0.1 (port from `start()`), forwards to PostgreSQL, counts."""
+    """Listens on 127.0.0.1 (port from `start()`), forwards to PostgreSQL, counts.
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    `name`, if given, prefixes this proxy's labels in the trace (`replica:SELECT`);
+    `tally` is shared with other proxies, or this proxy's own.
+    """
+
+    def __init__(
+        self, upstream_host: str, upstream_port: int, *, name: str = "", tally: Tally | None = None
+    ) -> None:
         self._upstream = (upstream_host, upstream_port)
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
-        self.round_trips = 0
-        self.connections = 0
-        self.trace: list[str] = []
-        self._recording = False
+        self._prefix = f"{name}:" if name else ""
+        self.tally = Tally() if tally is None else tally
+
+    @property
+    def round_trips(self) -> int:
+        return self.tally.round_trips
+
+    @property
+    def connections(self) -> int:
+        return self.tally.connections
+
+    @property
+    def trace(self) -> list[str]:
+        return self.tally.trace
 
     async def start(self) -> int:
         """Start listening; return the port to connect to."""
@@ -43,11 +95,9 @@ class RoundTripProxy:
         return port
 
     def reset(self, record: bool = False) -> None:
-        """Zero the counters; with `record`, name each round trip in `trace` from now on."""
-        self.round_trips = 0
-        self.connections = 0
-        self.trace = []
-        self._recording = record
+        """Zero the counters (the shared tally's); with `record`, name each round trip in
+        `trace` from now on."""
+        self.tally.reset(record)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -63,9 +113,13 @@ class RoundTripProxy:
             await asyncio.gather(*still_open, return_exceptions=True)
 
     def _count(self, label: str) -> None:
-        self.round_trips += 1
-        if self._recording:
-            self.trace.append(label)
+        tally = self.tally
+        tally.round_trips += 1
+        # By what was run: an asyncpg prepare of a statement counts with the statement.
+        tally.by_label[label.removeprefix("prepare ")] += 1
+        tally.replica_probes += label == REPLICA_PROBE
+        if tally.recording:
+            tally.trace.append(self._prefix + label)
 
     async def _serve(
         self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
@@ -73,7 +127,7 @@ class RoundTripProxy:
         handler = asyncio.current_task()
         if handler is not None:  # always: start_server runs each connection in a task
             self._handlers.add(handler)
-        self.connections += 1
+        self.tally.connections += 1
         server_out: asyncio.StreamWriter | None = None
         try:
             server_in, server_out = await asyncio.open_connection(*self._upstream)
@@ -160,7 +214,7 @@ class _MessageReader:
     def _handle(self, kind: str, payload: bytes) -> None:
         if kind == "P":  # Parse: statement name, query, ...
             name, query, _ = payload.split(b"\0", 2)
-            self._statements[name] = _first_word(query)
+            self._statements[name] = _label(query)
             self._pending = f"prepare {self._statements[name]}"
         elif kind == "B":  # Bind: portal name, statement name, ...
             _, name, _ = payload.split(b"\0", 2)
@@ -177,7 +231,21 @@ class _MessageReader:
             self._count(self._pending)
             self._pending = ""
         elif kind == "Q":
-            self._count(_shortened(payload.rstrip(b"\0")))
+            # psycopg sends a statement without parameters as a simple query.
+            query = payload.rstrip(b"\0")
+            self._count(_package_label(query) or _shortened(query))
+
+
+def _label(query: bytes) -> str:
+    """A prepared statement's label: what it is for app.database's own, else its first word."""
+    return _package_label(query) or _first_word(query)
+
+
+def _package_label(query: bytes) -> str | None:
+    for fragment, label in PACKAGE_STATEMENTS:
+        if fragment.encode() in query:
+            return label
+    return None
 
 
 def _first_word(query: bytes) -> str:

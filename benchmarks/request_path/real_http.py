@@ -1,4 +1,5 @@
-"""The optional `--http` pass: each configuration under uvicorn in a process of its own.
+"""The optional `--http` pass: each configuration under uvicorn in a process of its own,
+once per stack of SERVER_STACKS (`conf.server`), interleaved in the same rounds.
 
 The load generator (httpx) runs in this process, so on two cores client and server
 each get about one; the server's CPU time per request comes from /proc. As in the
@@ -16,12 +17,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
-from sqlalchemy.engine import URL
 
 from .asgi import Call, Send
-from .server import URL_VARIABLE
+from .server import REPLICA_URLS_VARIABLE, URL_VARIABLE
 from .timing import CONCURRENCIES, Endpoint, Opener
-from .variants import Configuration
+from .variants import Configuration, Servers
 
 START_TIMEOUT = 30.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -35,12 +35,18 @@ class UvicornServer:
         self.port = port
 
     @classmethod
-    async def start(cls, conf: Configuration, url: URL) -> UvicornServer:
+    async def start(cls, conf: Configuration, servers: Servers) -> UvicornServer:
         port = _free_port()
-        env = {**os.environ, URL_VARIABLE: url.render_as_string(hide_password=False)}
+        env = {
+            **os.environ,
+            URL_VARIABLE: servers.url.render_as_string(hide_password=False),
+            REPLICA_URLS_VARIABLE: "\n".join(
+                url.render_as_string(hide_password=False) for url in servers.replica_urls
+            ),
+        }
         process = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "benchmarks.request_path.server"),
-            *(conf.variant.name, conf.driver, conf.deployment, str(port)),
+            *(conf.variant.name, conf.driver, conf.deployment, str(port), conf.server),
             env=env,
         )
         server = cls(process, port)
@@ -82,12 +88,12 @@ class UvicornServer:
                 await self.process.wait()
 
 
-def over_http(url_for: Callable[[Configuration], URL]) -> Opener:
+def over_http(servers_for: Callable[[Configuration], Servers]) -> Opener:
     """Start a configuration's server, with an HTTP client for it; stop both on the way out."""
 
     @asynccontextmanager
     async def open_endpoint(conf: Configuration) -> AsyncIterator[Endpoint]:
-        server = await UvicornServer.start(conf, url_for(conf))
+        server = await UvicornServer.start(conf, servers_for(conf))
         try:
             limits = httpx.Limits(max_connections=max(CONCURRENCIES))
             async with httpx.AsyncClient(

@@ -14,12 +14,36 @@ from dataclasses import dataclass, field
 from statistics import median
 
 from .load import Measurement
-from .variants import DEPLOYMENTS, DRIVERS, OURS, POOLED, VARIANTS, Configuration
+from .variants import (
+    DEPLOYMENTS,
+    DRIVERS,
+    OURS,
+    OURS_OTEL,
+    OURS_READ,
+    POOLED,
+    REFERENCE,
+    REPLICATED,
+    SERVER_STACKS,
+    VARIANTS,
+    Configuration,
+)
 
 TARGET_OVER_PEERS = 1.3
 """Through PgBouncer at the highest concurrency, ours at least this times every peer."""
 TARGET_DRIVER_GAP = 0.15
 """Ours on psycopg within this share of ours on asyncpg, both direct."""
+# Issue 10's targets for a GET through ReadSessionDep (ours_read), GET-only load.
+TARGET_GET_ROUND_TRIPS = 1
+GET_ROUND_TRIPS_SLACK = 0.05
+"""An average may exceed the target by this much: a one-off round trip in the counted
+calls (a connection's session default switched to read-only once, a statement
+prepared on its sixth use on psycopg) is not a second round trip per GET."""
+TARGET_READ_OVER_RAW = 0.65
+"""At c=1, ours_read at least this times raw asyncpg's throughput."""
+TARGET_READ_OVER_PEERS = 1.3
+"""At every concurrency, ours_read at least this times every peer."""
+OTHERS = tuple(v.name for v in VARIANTS if v.name not in (REFERENCE, OURS, OURS_READ, OURS_OTEL))
+"""The other SQLAlchemy layers: the seed pattern and the peers."""
 
 
 @dataclass
@@ -52,8 +76,10 @@ class RoundTrips:
     post: float
     get_trace: list[str]
     post_trace: list[str]
-    loaded: float  # per request of a mixed batch at the highest concurrency
+    loaded: float  # per request of a batch of the run's load at the highest concurrency
     new_connections: dict[int, float]  # per 1,000 requests, by concurrency
+    # app.database's replica probes, off the request path (0 without replicas).
+    probes_per_second: float = 0.0
 
 
 def percentile(sorted_values: list[float], share: float) -> float:
@@ -65,14 +91,16 @@ SLOW_MS = 200.0
 """A request slower than this counts in the "slow" column: a pool waiter starving."""
 
 
-def _order(cell: Cell) -> tuple[int, int, int, int]:
+def _order(cell: Cell) -> tuple[int, int, int, int, int]:
     conf = cell.configuration
     variant = next(i for i, v in enumerate(VARIANTS) if v.name == conf.variant.name)
+    servers = ("", *SERVER_STACKS)
     return (
         DEPLOYMENTS.index(conf.deployment),
         DRIVERS.index(conf.driver),
         cell.concurrency,
         variant,
+        servers.index(conf.server),
     )
 
 
@@ -82,15 +110,22 @@ def ordered(cells: Iterable[Cell]) -> list[Cell]:
 
 
 def _find(
-    cells: list[Cell], variant: str, driver: str, deployment: str, concurrency: int
+    cells: list[Cell],
+    variant: str,
+    driver: str,
+    deployment: str,
+    concurrency: int,
+    server: str = "",
 ) -> Cell | None:
+    """The cell of that configuration (under uvicorn's `server` stack: `--http`)."""
     for cell in cells:
         conf = cell.configuration
-        if (conf.variant.name, conf.driver, conf.deployment, cell.concurrency) == (
+        if (conf.variant.name, conf.driver, conf.deployment, cell.concurrency, conf.server) == (
             variant,
             driver,
             deployment,
             concurrency,
+            server,
         ):
             return cell
     return None
@@ -98,7 +133,7 @@ def _find(
 
 def _reference(cells: list[Cell], cell: Cell, reference: str) -> Cell | None:
     conf = cell.configuration
-    return _find(cells, reference, conf.driver, conf.deployment, cell.concurrency)
+    return _find(cells, reference, conf.driver, conf.deployment, cell.concurrency, conf.server)
 
 
 def _ratio_to(cells: list[Cell], cell: Cell, reference: str) -> str:
@@ -141,17 +176,18 @@ def timing_table(
 
 
 def http_table(cells: list[Cell], reference: str) -> str:
-    """The real-HTTP pass: throughput, latency and the server's CPU per request."""
+    """The real-HTTP pass: throughput, latency and the server's CPU per request, per
+    uvicorn stack (the ratio to raw is to raw on the same stack)."""
     lines = [
-        "| via | driver | c | variant | requests/s median (min-max) | ratio to raw | p50 ms"
-        " | p99 ms | server CPU ms per request |",
-        "|---|---|--:|---|--:|--:|--:|--:|--:|",
+        "| via | driver | c | variant | uvicorn | requests/s median (min-max) | ratio to raw"
+        " | p50 ms | p99 ms | server CPU ms per request |",
+        "|---|---|--:|---|---|--:|--:|--:|--:|--:|",
     ]
     for cell in ordered(cells):
         conf, latencies = cell.configuration, cell.latencies_ms
         lines.append(
             f"| {conf.deployment} | {conf.driver} | {cell.concurrency} | {conf.variant.name} "
-            f"| {_rps(cell)} | {_ratio_to(cells, cell, reference)} "
+            f"| {conf.server} | {_rps(cell)} | {_ratio_to(cells, cell, reference)} "
             f"| {percentile(latencies, 0.5):.1f} | {percentile(latencies, 0.99):.1f} "
             f"| {cell.cpu_seconds * 1000 / cell.requests:.2f} |"
         )
@@ -186,20 +222,20 @@ def _present(cells: list[Cell], attribute: str, order: tuple[str, ...]) -> list[
     return [name for name in order if name in seen]
 
 
-def ours_vs_others(cells: list[Cell]) -> str:
-    """Ours over every other SQLAlchemy layer, per deployment, driver and concurrency."""
-    names = [v.name for v in VARIANTS if v.name not in (OURS, "raw")]
-    names = [n for n in names if any(c.configuration.variant.name == n for c in cells)]
-    if not names or not any(c.configuration.variant.name == OURS for c in cells):
+def over_others(cells: list[Cell], subject: str = OURS) -> str:
+    """`subject` (ours or ours_read) over every other SQLAlchemy layer, per deployment,
+    driver and concurrency."""
+    names = [n for n in OTHERS if any(c.configuration.variant.name == n for c in cells)]
+    if not names or not any(c.configuration.variant.name == subject for c in cells):
         return ""
     lines = [
-        "| via | driver | c | " + " | ".join(f"ours / {name}" for name in names) + " |",
+        "| via | driver | c | " + " | ".join(f"{subject} / {name}" for name in names) + " |",
         "|---|---|--:|" + "--:|" * len(names),
     ]
     for deployment in _present(cells, "deployment", DEPLOYMENTS):
         for driver in _present(cells, "driver", DRIVERS):
             for c in sorted({cell.concurrency for cell in cells}):
-                ours = _find(cells, OURS, driver, deployment, c)
+                ours = _find(cells, subject, driver, deployment, c)
                 if ours is None:
                     continue
                 found = [ratio(ours, _find(cells, n, driver, deployment, c)) for n in names]
@@ -209,6 +245,59 @@ def ours_vs_others(cells: list[Cell]) -> str:
                     + " |"
                 )
     return "\n".join(lines)
+
+
+def _cpu_ms(cell: Cell) -> str:
+    return f"{cell.cpu_seconds * 1000 / cell.requests:.2f}"
+
+
+def instrumentation(cells: list[Cell]) -> str:
+    """ours_otel over ours (telemetry on over off), round by round, with the CPU per
+    request of each, per deployment, driver, concurrency (and uvicorn stack)."""
+    lines = [
+        "| via | driver | c | uvicorn | ours_otel / ours, requests/s | CPU ms per request, "
+        "ours / ours_otel |",
+        "|---|---|--:|---|--:|--:|",
+    ]
+    for cell in ordered(cells):
+        conf = cell.configuration
+        if conf.variant.name != OURS:
+            continue
+        on = _find(cells, OURS_OTEL, conf.driver, conf.deployment, cell.concurrency, conf.server)
+        found = ratio(on, cell)
+        if on is None or found is None:
+            continue
+        lines.append(
+            f"| {conf.deployment} | {conf.driver} | {cell.concurrency} | {conf.server or '-'} "
+            f"| {found} | {_cpu_ms(cell)} / {_cpu_ms(on)} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def server_stacks(cells: list[Cell]) -> str:
+    """The `--http` pass: uvloop+httptools over asyncio+h11, per configuration, round by
+    round, with the server's CPU per request on each."""
+    plain, fast = SERVER_STACKS
+    lines = [
+        f"| via | driver | c | variant | {fast} / {plain}, requests/s | server CPU ms per "
+        f"request, {plain} / {fast} |",
+        "|---|---|--:|---|--:|--:|",
+    ]
+    for cell in ordered(cells):
+        conf = cell.configuration
+        if conf.server != plain:
+            continue
+        other = _find(
+            cells, conf.variant.name, conf.driver, conf.deployment, cell.concurrency, fast
+        )
+        found = ratio(other, cell)
+        if other is None or found is None:
+            continue
+        lines.append(
+            f"| {conf.deployment} | {conf.driver} | {cell.concurrency} | {conf.variant.name} "
+            f"| {found} | {_cpu_ms(cell)} / {_cpu_ms(other)} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def across(cells: list[Cell]) -> str:
@@ -273,6 +362,145 @@ def targets(cells: list[Cell], peers: list[str], high: int) -> list[str]:
                 f"- ours on psycopg within {TARGET_DRIVER_GAP:.0%} of ours on asyncpg, direct, "
                 f"c={c}: {'met' if verdict else 'MISSED'} ({found_ratio.median:.2f}x)"
             )
+    return lines
+
+
+# (column, (variant, deployment) over (variant, deployment)): what routing a unit of
+# work costs, or saves. The last is no routing at all: the replica deployment's
+# private primary against the shared server, the same raw pool on each.
+ROUTING_COLUMNS = (
+    ("ReadSessionDep / AsyncSessionDep, direct", (OURS_READ, "direct"), (OURS, "direct")),
+    (
+        "ReadSessionDep on the replica / AsyncSessionDep with the replica configured",
+        (OURS_READ, REPLICATED),
+        (OURS, REPLICATED),
+    ),
+    (
+        "AsyncSessionDep, replica configured / none",
+        (OURS, REPLICATED),
+        (OURS, "direct"),
+    ),
+    (
+        "ReadSessionDep, on the replica / direct",
+        (OURS_READ, REPLICATED),
+        (OURS_READ, "direct"),
+    ),
+    ("raw, replica / direct (the servers)", (REFERENCE, REPLICATED), (REFERENCE, "direct")),
+)
+ROUTED = ((OURS, "direct"), (OURS_READ, "direct"), (OURS, REPLICATED), (OURS_READ, REPLICATED))
+
+
+def routing(cells: list[Cell], round_trips: dict[Configuration, RoundTrips]) -> str:
+    """What choosing a session dependency, and configuring a replica, costs per request:
+    throughput ratios round by round, then per driver the round trips and the time per
+    request at c=1 of each of ours' four ways."""
+    concurrencies = sorted({cell.concurrency for cell in cells})
+    rows = []
+    for driver in _present(cells, "driver", DRIVERS):
+        for c in concurrencies:
+            found = [
+                ratio(
+                    _find(cells, top[0], driver, top[1], c),
+                    _find(cells, bottom[0], driver, bottom[1], c),
+                )
+                for _, top, bottom in ROUTING_COLUMNS
+            ]
+            rows.append((driver, c, found))
+    kept = [i for i in range(len(ROUTING_COLUMNS)) if any(found[i] for _, _, found in rows)]
+    if not kept:
+        return ""
+    lines = [
+        "| driver | c | " + " | ".join(ROUTING_COLUMNS[i][0] for i in kept) + " |",
+        "|---|--:|" + "--:|" * len(kept),
+    ]
+    for driver, c, found in rows:
+        texts = ["-" if found[i] is None else str(found[i]) for i in kept]
+        lines.append(f"| {driver} | {c} | " + " | ".join(texts) + " |")
+    lines.append("")
+    for driver in _present(cells, "driver", DRIVERS):
+        parts = []
+        for variant, deployment in ROUTED:
+            counts = _counts(round_trips, variant, driver, deployment)
+            low = _find(cells, variant, driver, deployment, min(concurrencies))
+            if counts is None or low is None:
+                continue
+            parts.append(
+                f"{variant} {deployment}: {1000 / median(low.rps):.2f} ms, round trips "
+                f"{_number(counts.get)} / {_number(counts.post)}"
+            )
+        probes = [
+            found.probes_per_second
+            for conf, found in round_trips.items()
+            if conf.driver == driver and found.probes_per_second
+        ]
+        if parts:
+            lines.append(
+                f"- {driver}, per request at c={min(concurrencies)} (1 / median requests/s) "
+                "and round trips GET / POST: " + "; ".join(parts)
+            )
+        if probes:
+            lines.append(
+                f"- {driver}, with a replica configured: app.database's probes (the primary's "
+                f"WAL position, the replica's state) took {median(probes):.1f} round trips "
+                "per second per app, off the request path"
+            )
+    return "\n".join(lines)
+
+
+def _counts(
+    round_trips: dict[Configuration, RoundTrips], variant: str, driver: str, deployment: str
+) -> RoundTrips | None:
+    for conf, counts in round_trips.items():
+        if (conf.variant.name, conf.driver, conf.deployment) == (variant, driver, deployment):
+            return counts
+    return None
+
+
+def read_targets(
+    cells: list[Cell], round_trips: dict[Configuration, RoundTrips], peers: list[str]
+) -> list[str]:
+    """Issue 10's targets for ours_read's GET, per deployment and driver, where measured."""
+    lines = []
+    concurrencies = sorted({cell.concurrency for cell in cells})
+    for deployment in _present(cells, "deployment", DEPLOYMENTS):
+        for driver in _present(cells, "driver", DRIVERS):
+            counts = _counts(round_trips, OURS_READ, driver, deployment)
+            if counts is None:
+                continue
+            sequence = len(counts.get_trace)
+            most = TARGET_GET_ROUND_TRIPS + GET_ROUND_TRIPS_SLACK
+            met = sequence <= TARGET_GET_ROUND_TRIPS and max(counts.get, counts.loaded) <= most
+            lines.append(
+                f"- {OURS_READ} {driver} {deployment}, {TARGET_GET_ROUND_TRIPS} round trip per "
+                f"GET: {'met' if met else 'MISSED'} (one GET: {sequence}; "
+                f"{_number(counts.get)} per sequential GET; {counts.loaded:.2f} per request "
+                "under load)"
+            )
+            low = min(concurrencies)
+            over_raw = ratio(
+                _find(cells, OURS_READ, driver, deployment, low),
+                _find(cells, REFERENCE, "asyncpg", deployment, low),
+            )
+            if over_raw is not None:
+                verdict = over_raw.median >= TARGET_READ_OVER_RAW
+                lines.append(
+                    f"- {OURS_READ} {driver} {deployment}, c={low}, >= "
+                    f"{TARGET_READ_OVER_RAW:g}x raw asyncpg: {'met' if verdict else 'MISSED'} "
+                    f"({over_raw})"
+                )
+            for c in concurrencies:
+                ours = _find(cells, OURS_READ, driver, deployment, c)
+                found = {p: ratio(ours, _find(cells, p, driver, deployment, c)) for p in peers}
+                measured = {p: r for p, r in found.items() if r is not None}
+                if measured:
+                    verdict = all(r.median >= TARGET_READ_OVER_PEERS for r in measured.values())
+                    lines.append(
+                        f"- {OURS_READ} {driver} {deployment}, c={c}, >= "
+                        f"{TARGET_READ_OVER_PEERS:g}x every peer: "
+                        f"{'met' if verdict else 'MISSED'} ("
+                        + ", ".join(f"{p} {r}" for p, r in measured.items())
+                        + ")"
+                    )
     return lines
 
 

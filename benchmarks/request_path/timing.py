@@ -18,12 +18,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
-from sqlalchemy.engine import URL
-
 from .asgi import Send, running
-from .load import drive, plan, posts
+from .load import GET_SHARE, drive, plan, posts
 from .report import Cell
-from .variants import Configuration
+from .variants import Configuration, Servers
 
 CONCURRENCIES = (1, 32)
 HIGH = max(CONCURRENCIES)
@@ -62,9 +60,11 @@ async def measure_rounds(
     warm_up: int,
     rng: random.Random,
     posted: Counter[str],
+    get_share: float = GET_SHARE,
 ) -> list[Cell]:
     """Time `rounds` rounds; in each, every configuration in a shuffled order is opened,
-    warmed up, timed at every concurrency (in a shuffled order) and closed."""
+    warmed up, timed at every concurrency (in a shuffled order) and closed. `get_share`
+    of the calls are GETs, warm-up included."""
     cells = {(conf, c): Cell(conf, c) for conf in configurations for c in CONCURRENCIES}
     order = list(configurations)
     for number in range(1, rounds + 1):
@@ -72,13 +72,13 @@ async def measure_rounds(
         rng.shuffle(order)
         for conf in order:
             async with open_endpoint(conf) as endpoint:
-                calls = plan(conf.key, warm_up, rng)
+                calls = plan(conf.key, warm_up, rng, get_share)
                 await drive(endpoint.send, calls, HIGH)
                 posted[conf.key] += posts(calls)
                 concurrencies = list(CONCURRENCIES)
                 rng.shuffle(concurrencies)
                 for concurrency in concurrencies:
-                    calls = plan(conf.key, batch_size(requests, concurrency), rng)
+                    calls = plan(conf.key, batch_size(requests, concurrency), rng, get_share)
                     # Collect now, so that the last batch's garbage is not billed to this one.
                     gc.collect()
                     cpu_before = endpoint.cpu_seconds() if endpoint.cpu_seconds else 0.0
@@ -96,12 +96,12 @@ async def measure_rounds(
     return list(cells.values())
 
 
-def in_process(url_for: Callable[[Configuration], URL]) -> Opener:
+def in_process(servers_for: Callable[[Configuration], Servers]) -> Opener:
     """Open a configuration's app, its lifespan running, to be called directly."""
 
     @asynccontextmanager
     async def open_endpoint(conf: Configuration) -> AsyncIterator[Endpoint]:
-        async with running(conf.make_app(url_for(conf))) as client:
+        async with running(conf.make_app(servers_for(conf))) as client:
             # This process's CPU: the app, its driver and the load generator, which is
             # the same for every configuration; PostgreSQL and PgBouncer are not in it.
             yield Endpoint(client.send, time.process_time)

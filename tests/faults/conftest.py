@@ -1,5 +1,5 @@
-"""Fixtures for the fault tests: a private PostgreSQL cluster, a TCP fault proxy, and a
-private PgBouncer in transaction mode in front of the cluster."""
+"""Fixtures for the fault tests: a private PostgreSQL cluster, a TCP fault proxy, a
+private PgBouncer in transaction mode in front of the cluster, and a hot standby of it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from tests.faults.pgbouncer import PgBouncer
 from tests.faults.proxy import FaultProxy
+from tests.faults.replica import ReplicaServer
 from tests.faults.scenarios import PGBOUNCER_POOL_SIZE
 from tests.faults.server import FaultServer
 
@@ -31,6 +32,33 @@ def proxy_fixture(fault_server: FaultServer) -> Iterator[FaultProxy]:
     if not fault_server.is_running():  # a test that stopped it must not break the next
         fault_server.start()
     with FaultProxy(upstream_port=fault_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture(name="replica_server", scope="session")
+def replica_server_fixture(fault_server: FaultServer) -> Iterator[ReplicaServer]:
+    """A hot standby of `fault_server`, copied after the migration so it has the schema."""
+    replica = ReplicaServer(fault_server)
+    try:
+        replica.create()
+        yield replica
+    finally:
+        replica.destroy()
+
+
+@pytest.fixture(name="replica_proxy")
+def replica_proxy_fixture(
+    fault_server: FaultServer, replica_server: ReplicaServer
+) -> Iterator[FaultProxy]:
+    """A fault proxy in front of `replica_server`, which starts replaying and caught up."""
+    # A test that stopped either server or paused replay must not break the next.
+    if not fault_server.is_running():
+        fault_server.start()
+    if not replica_server.is_running():
+        replica_server.start()
+    replica_server.resume_replay()
+    replica_server.wait_caught_up()
+    with FaultProxy(upstream_port=replica_server.port) as proxy:
         yield proxy
 
 

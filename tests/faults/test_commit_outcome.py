@@ -105,3 +105,18 @@ async def test_a_unit_that_cannot_connect_to_commit_is_no_unknown_outcome(
 
     assert not isinstance(caught.value, CommitOutcomeUnknownError)
     assert classify_error(caught.value) is DatabaseErrorKind.UNAVAILABLE
+
+
+async def test_a_read_only_transaction_whose_commit_is_lost_is_no_unknown_outcome(
+    manager: DatabaseSessionManager, proxy: FaultProxy
+) -> None:
+    """It wrote nothing: a plain unavailable error (503, worth retrying), not an ambiguous one."""
+    proxy.on_commit("ack_lost")
+    try:
+        with pytest.raises(Exception) as caught:  # noqa: PT011  (checked below)
+            async with manager.session(read_only=True, isolation_level="REPEATABLE READ") as db:
+                await db.scalar(text("SELECT count(*) FROM items"))
+    finally:
+        proxy.on_commit(None)
+    assert not isinstance(caught.value, CommitOutcomeUnknownError), caught.value
+    assert classify_error(caught.value) is DatabaseErrorKind.UNAVAILABLE

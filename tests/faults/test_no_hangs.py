@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.pool import QueuePool
 
-from app.database import DatabaseSessionManager, _liveness, get_db
+from app.database import DatabaseSessionManager, _liveness, get_db, get_read_db
 from app.database._config import (
     POOL_TIMEOUT_SECONDS,
 )
@@ -84,7 +84,12 @@ async def client_fixture(manager: DatabaseSessionManager) -> AsyncIterator[httpx
         async with manager.session() as session:
             yield session
 
+    async def read_session_from_manager() -> AsyncIterator[AsyncSession]:
+        async with manager.session(read_only=True) as session:
+            yield session
+
     app.dependency_overrides[get_db] = session_from_manager
+    app.dependency_overrides[get_read_db] = read_session_from_manager
     async with serve(app) as base_url, httpx.AsyncClient(base_url=base_url, timeout=60) as client:
         yield client
 

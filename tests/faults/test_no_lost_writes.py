@@ -19,7 +19,7 @@ from tests.faults.service import Service, running_service
 CLIENTS = 50
 SECONDS = 4.0
 FAULT_AT = 1.0
-# The pool the reference service builds by default: 5 + 10 overflow, all kept.
+# The pool the reference service builds by default: 15 kept connections, no overflow.
 POOL_CAPACITY = 15
 NOISE = (
     "Traceback",

@@ -31,7 +31,7 @@ from tests.drivers import DRIVER, application_name
 from tests.faults.proxy import FaultProxy
 from tests.faults.server import FaultServer
 from tests.faults.service import Service, running_service
-from tests.postgres import count_backends
+from tests.postgres import count_backends, settled_backend_count
 
 CLOSED_HINT = (
     "DatabaseSessionManager is closed: `close()` was called, so no new sessions can start; "
@@ -66,18 +66,6 @@ _names = itertools.count()
 def _unique_name() -> str:
     """An application_name (and row-name prefix) no other test or worker uses."""
     return f"h5-shutdown-{os.getpid()}-{next(_names)}"
-
-
-async def backends_settled(
-    observer: asyncpg.Connection, name: str, expected: int, within: float = SETTLE_SECONDS
-) -> int:
-    """Poll until `name` has `expected` backends or `within` seconds pass; the last count."""
-    deadline = time.monotonic() + within
-    while (seen := await count_backends(observer, name)) != expected:
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    return seen
 
 
 async def active_statements(observer: asyncpg.Connection, name: str, query_prefix: str) -> int:
@@ -206,7 +194,7 @@ async def test_idle_close_is_prompt_and_leaves_no_backend_or_warning(
         started = time.monotonic()
         await manager.close()
         duration = time.monotonic() - started
-        left = await backends_settled(observer, name, 0)
+        left = await settled_backend_count(observer, name, 0, within=SETTLE_SECONDS)
 
     print(f"\n[Z-01] close duration idle: {duration * 1000:.1f} ms, 3 connections")
     assert duration < 1.0, f"an idle close() took {duration:.2f} s"
@@ -231,7 +219,7 @@ async def test_dropping_an_open_manager_without_close_warns(
 
     unclosed = [f for f in findings if UNCLOSED in f]
     assert len(unclosed) == 3, findings
-    assert await backends_settled(observer, name, 0) == 0
+    assert await settled_backend_count(observer, name, 0, within=SETTLE_SECONDS) == 0
 
 
 async def test_units_of_work_finishing_within_grace_commit(
@@ -253,7 +241,7 @@ async def test_units_of_work_finishing_within_grace_commit(
     assert cuts == []
     assert duration < 5.0, "close() waited out the grace period for work that had ended"
     assert await committed(observer, [u.name for u in units]) == {u.name for u in units}
-    assert await backends_settled(observer, name, 0) == 0
+    assert await settled_backend_count(observer, name, 0, within=SETTLE_SECONDS) == 0
 
 
 async def test_units_of_work_outlasting_grace_are_cut_and_roll_back(
@@ -274,7 +262,7 @@ async def test_units_of_work_outlasting_grace_are_cut_and_roll_back(
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         # The server must stop the statements too: a backend left running pg_sleep
         # would hold its transaction (and its locks) open after the process is gone.
-        left = await backends_settled(observer, name, 0)
+        left = await settled_backend_count(observer, name, 0, within=SETTLE_SECONDS)
 
     print(
         f"\n[Z-04b] close with work in flight: grace {grace} s, cut {len(cuts)}, {duration:.2f} s"
@@ -343,7 +331,7 @@ async def test_init_works_again_after_close_even_one_that_cut_connections(
     await manager.close()
 
     assert await committed(observer, [units[0].name, after[0].name]) == {after[0].name}
-    assert await backends_settled(observer, name, 0) == 0
+    assert await settled_backend_count(observer, name, 0, within=SETTLE_SECONDS) == 0
 
 
 async def test_close_returns_within_grace_when_the_database_is_unreachable(
@@ -463,7 +451,7 @@ async def test_sigterm_with_requests_in_flight_loses_nothing_and_exits_clean(
         exit_seconds = time.monotonic() - sent
         returncode = await exited
         outcomes = await asyncio.gather(*requests)
-        left = await backends_settled(observer, name, 0)
+        left = await settled_backend_count(observer, name, 0, within=SETTLE_SECONDS)
     stderr = service.stderr
 
     completed = [

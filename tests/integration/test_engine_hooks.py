@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Coroutine
 from typing import Any
 
 import asyncpg
@@ -14,7 +15,9 @@ from sqlalchemy.engine import URL
 
 from app.database import DatabaseSessionManager
 from app.database._closing import POOLER_CANCEL_TIMEOUT_SECONDS
+from app.database.drivers import driver_for
 from tests.drivers import DRIVER, application_name
+from tests.integration.held_connection import holding_a_connection, until
 from tests.postgres import count_backends
 
 APPLICATION = f"engine-hooks-{os.getpid()}"
@@ -38,37 +41,34 @@ async def test_the_callers_do_connect_listener_still_runs(database_url: URL) -> 
     assert seen == [database_url.database]
 
 
+async def _running_a_statement(observer: asyncpg.Connection) -> bool:
+    """Whether one of the test's backends is running a statement."""
+    return await count_backends(observer, APPLICATION, state_like="active") == 1
+
+
 async def test_a_cancelled_close_still_cuts_and_closes_every_connection(
     database_url: URL, observer: asyncpg.Connection
 ) -> None:
     """close() cancelled during its grace period still leaves no backend behind."""
-    manager = DatabaseSessionManager()
-    manager.init(
-        url=database_url,
+    async with holding_a_connection(
+        database_url,
+        then=lambda db: db.execute(text("SELECT pg_sleep(30)")),
         pool_size=2,
         max_overflow=0,
         connect_args=application_name(APPLICATION),
-    )
-    async with manager.session() as db:  # one idle pooled connection
-        await db.execute(text("SELECT 1"))
-    holding = asyncio.Event()
-
-    async def hold_a_connection() -> None:
-        async with manager.session() as db:
+    ) as holder:
+        async with holder.manager.session() as db:  # one idle pooled connection
             await db.execute(text("SELECT 1"))
-            holding.set()
-            await db.execute(text("SELECT pg_sleep(30)"))
+        holder.release()
+        await until(lambda: _running_a_statement(observer), "the unit's pg_sleep(30) running")
+        closing = asyncio.create_task(holder.manager.close(grace=30))
+        await until(holder.draining, "close() waiting for the unit")
+        closing.cancel()
 
-    holder = asyncio.create_task(hold_a_connection())
-    await holding.wait()
-    closing = asyncio.create_task(manager.close(grace=30))
-    await asyncio.sleep(0.2)
-    closing.cancel()
-
-    with pytest.raises(asyncio.CancelledError):
-        await closing
-    with pytest.raises(Exception, match="connection"):  # cut: a lost-connection error
-        await asyncio.wait_for(holder, 5)
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        with pytest.raises(Exception, match="connection"):  # cut: a lost-connection error
+            await asyncio.wait_for(holder.task, 5)
     for _ in range(100):  # backends exit asynchronously
         if await count_backends(observer, APPLICATION) == 0:
             break
@@ -97,3 +97,61 @@ async def test_a_psycopg_wait_with_its_own_timeout_is_not_a_statement_timeout(
             await psycopg_connection.set_autocommit(False)
     finally:
         await manager.close()
+
+
+@pytest.mark.parametrize("transaction_pooler", [False, True], ids=["direct", "pooler"])
+async def test_close_returns_once_the_cancel_of_a_connection_it_cut_was_sent(
+    database_url: URL, monkeypatch: pytest.MonkeyPatch, transaction_pooler: bool
+) -> None:
+    """A connection cut inside a transaction gets its CancelRequest, and close() returns
+    only once it was sent. Directly connected, the cut comes first (the unit fails at
+    once); through a transaction pooler the cancel does (PgBouncer forwards a cancel only
+    while the client's connection is open)."""
+    driver = driver_for(DRIVER)
+    assert driver is not None
+    sent: list[str] = []
+
+    def cancel_request(_: Any, __: Any) -> Coroutine[Any, Any, None]:
+        async def send() -> None:
+            # A request that takes a while: close() must wait for it, not race it.
+            await asyncio.sleep(0.2)
+            sent.append("cancel sent")
+
+        return send()
+
+    cut = type(driver).cut
+
+    def cut_and_note(self: Any, connection: Any) -> None:
+        sent.append("cut")
+        cut(self, connection)
+
+    monkeypatch.setattr(type(driver), "cancel_request", cancel_request)
+    monkeypatch.setattr(type(driver), "cut", cut_and_note)
+    async with holding_a_connection(database_url, transaction_pooler=transaction_pooler) as holder:
+        await holder.manager.close(grace=0)
+        at_return = list(sent)
+
+    expected = ["cancel sent", "cut"] if transaction_pooler else ["cut", "cancel sent"]
+    assert at_return == expected
+
+
+async def test_a_connection_cut_outside_a_transaction_gets_no_cancel(
+    database_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checked-out connection whose backend is idle (no transaction) is cut without a
+    CancelRequest: there is no statement to stop."""
+    driver = driver_for(DRIVER)
+    assert driver is not None
+    requested: list[str] = []
+
+    def cancel_request(_: Any, __: Any) -> None:
+        requested.append("cancel requested")
+
+    monkeypatch.setattr(type(driver), "cancel_request", cancel_request)
+    async with holding_a_connection(database_url, idle=True) as holder:
+        cuts: list[str] = []
+        event.listen(holder.manager.engine.sync_engine, "invalidate", lambda *_: cuts.append("cut"))
+        await holder.manager.close(grace=0)
+
+    assert cuts == ["cut"]
+    assert requested == []

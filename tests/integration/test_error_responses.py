@@ -27,6 +27,7 @@ from app.database import (
     DatabaseSessionManager,
     TransactionAbortedError,
     get_db,
+    get_read_db,
 )
 from app.errors import install_error_handlers
 from app.main import create_app
@@ -58,11 +59,13 @@ AT_CAPACITY = {"detail": "the service is at capacity; retry shortly"}
 TIMED_OUT = {"detail": "the database did not answer in time"}
 
 
-def _sessions_of(manager: DatabaseSessionManager) -> Callable[[], AsyncIterator[AsyncSession]]:
-    """A replacement for `get_db` that takes its units of work from `manager`."""
+def _sessions_of(
+    manager: DatabaseSessionManager, *, read_only: bool = False
+) -> Callable[[], AsyncIterator[AsyncSession]]:
+    """A replacement for `get_db` (or `get_read_db`) taking its units of work from `manager`."""
 
     async def get_db_of_manager() -> AsyncIterator[AsyncSession]:
-        async with manager.session() as session:
+        async with manager.session(read_only=read_only) as session:
             yield session
 
     return get_db_of_manager
@@ -138,6 +141,7 @@ async def _client(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client for `app` whose AsyncSessionDep sessions come from `manager`."""
     app.dependency_overrides[get_db] = _sessions_of(manager)
+    app.dependency_overrides[get_read_db] = _sessions_of(manager, read_only=True)
     # raise_app_exceptions=False: a 500 arrives as the response a real server sends.
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -27,6 +27,7 @@ from app.database import (
     TransactionAbortedError,
     classify_error,
 )
+from app.database._classify import failed_to_connect
 from app.models import Item
 from tests.drivers import DRIVER, DRIVERNAME
 from tests.integration.failing_work import (
@@ -153,6 +154,7 @@ async def test_not_null_violation_is_left_unclassified(manager: DatabaseSessionM
 
     assert isinstance(error, exc.IntegrityError)
     assert classify_error(error) is None
+    assert not failed_to_connect(error)  # a statement's failure, on a connection that works
 
 
 async def test_serialization_failure_is_retryable(manager: DatabaseSessionManager) -> None:
@@ -252,6 +254,7 @@ async def test_refused_connection_is_unavailable() -> None:
 
     assert isinstance(error, ConnectionRefusedError if DRIVER == "asyncpg" else exc.DBAPIError)
     assert classify_error(error) is DatabaseErrorKind.UNAVAILABLE
+    assert failed_to_connect(error)
 
 
 @asynccontextmanager
@@ -309,13 +312,18 @@ async def test_too_many_connections_is_unavailable(
 
 
 async def test_missing_database_is_left_unclassified(database_url: URL) -> None:
-    """A database that does not exist (3D000) is a configuration bug, not an outage: no kind."""
+    """A database that does not exist (3D000) is a configuration bug, not an outage: no kind.
+
+    It is a failed connection all the same (the test plugin's advice on env.py needs
+    it), though psycopg reports it with no SQLSTATE.
+    """
     url = database_url.set(database=f"h1_errors_missing_{os.getpid()}")
     async with private_manager(url, APPLICATION_NAME) as manager:
         error = await _failure_of(manager, partial(sleep, seconds=0))
 
     assert isinstance(error, (exc.DBAPIError, asyncpg.InvalidCatalogNameError))
     assert classify_error(error) is None
+    assert failed_to_connect(error)
 
 
 @pytest.fixture(name="pool_of_one")

@@ -34,7 +34,7 @@ async def test_health_reports_ok_and_pool_counters(live_client: httpx.AsyncClien
     body = response.json()
     assert (body["status"], body["database"]) == ("ok", "ok")
     assert body["pool"]["checkedout"] == 0
-    # pool_size + max_overflow (5 + 10), all kept: see the package README.
+    # The package's default, a fixed pool of 15: see the package README's "Defaults".
     assert body["pool"]["size"] == 15
 
 

@@ -26,6 +26,8 @@ from app.database import (
     DatabaseNotInitializedError,
     DatabaseSessionManager,
     TransactionAbortedError,
+    get_db,
+    get_read_db,
     session_manager,
 )
 from app.database.testing import (
@@ -325,3 +327,48 @@ async def test_close_inside_isolation_is_not_undone(database_url: URL) -> None:
     with pytest.raises(DatabaseNotInitializedError, match="is closed"):
         async with manager.session():
             pass
+
+
+async def _own_db() -> AsyncIterator[None]:
+    yield None
+
+
+async def test_sharing_a_session_ends_with_the_isolation(
+    database: DatabaseSessionManager,
+) -> None:
+    """A module-level app gets its own overrides back when the test's transaction ends."""
+    app = FastAPI()
+    app.dependency_overrides[get_db] = _own_db  # the app's own, from before the test
+
+    async with isolated(database) as connection, joined_session(connection) as session:
+        undo = share_session_with_app(app, session)
+        assert app.dependency_overrides[get_db] is not _own_db
+        assert get_read_db in app.dependency_overrides
+
+    assert app.dependency_overrides == {get_db: _own_db}
+    undo()  # too late to matter, and harmless
+    assert app.dependency_overrides == {get_db: _own_db}
+
+
+async def test_undo_ends_sharing_before_the_isolation_does(
+    database: DatabaseSessionManager,
+) -> None:
+    app = FastAPI()
+
+    async with isolated(database) as connection, joined_session(connection) as session:
+        share_session_with_app(app, session)()
+        assert app.dependency_overrides == {}
+
+
+async def test_ending_a_shared_session_keeps_a_later_override_of_the_tests_own(
+    database: DatabaseSessionManager,
+) -> None:
+    """A test that overrides get_db itself after sharing keeps that override when the
+    isolation ends; the read dependency's shared override is still removed."""
+    app = FastAPI()
+
+    async with isolated(database) as connection, joined_session(connection) as session:
+        share_session_with_app(app, session)
+        app.dependency_overrides[get_db] = _own_db  # the test's own, set after sharing
+
+    assert app.dependency_overrides == {get_db: _own_db}

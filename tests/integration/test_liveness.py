@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any
 
 import asyncpg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from app.database import DatabaseSessionManager, _liveness
+from app.database import _signals as signals
 from tests.drivers import application_name, backend_pid
 from tests.postgres import count_backends
 
@@ -129,3 +132,71 @@ async def test_a_connection_whose_server_stops_answering_is_replaced(
     finally:
         os.kill(hung, signal.SIGCONT)
         await observer.execute("SELECT pg_terminate_backend($1)", hung)
+
+
+class _Clock:
+    """A monotonic clock that moves only when told: the window without waiting for it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture(name="outcomes")
+def outcomes_fixture() -> Iterator[list[str]]:
+    """The liveness check's outcomes, as a listener of its hook hears them."""
+    heard: list[str] = []
+
+    def listener(_: ConnectionPoolEntry, outcome: str) -> None:
+        heard.append(outcome)
+
+    signals.liveness_checked.connect(listener)
+    yield heard
+    signals.liveness_checked.disconnect(listener)
+
+
+async def test_the_freshness_window_runs_from_the_last_checkin(
+    manager: DatabaseSessionManager, monkeypatch: pytest.MonkeyPatch, outcomes: list[str]
+) -> None:
+    """Idle for less than FRESH_SECONDS since its checkin: no ping; for the whole window: one."""
+    clock = _Clock()
+    monkeypatch.setattr(_liveness, "time", clock)
+    async with manager.engine.connect() as connection:
+        await connection.scalar(select(1))
+    outcomes.clear()
+
+    clock.now += _liveness.FRESH_SECONDS / 2
+    async with manager.engine.connect() as connection:
+        await connection.scalar(select(1))
+    assert outcomes == []
+
+    clock.now += _liveness.FRESH_SECONDS
+    async with manager.engine.connect() as connection:
+        await connection.scalar(select(1))
+    assert outcomes == ["alive"]
+
+
+async def test_listeners_hear_a_ping_answered_and_a_ping_failed(
+    manager: DatabaseSessionManager, monkeypatch: pytest.MonkeyPatch, outcomes: list[str]
+) -> None:
+    """Its hook's listeners hear "alive" for an answered ping, "ping_failed" for a failed one."""
+    monkeypatch.setattr(_liveness, "FRESH_SECONDS", 0.0)
+    async with manager.engine.connect() as connection:
+        await connection.scalar(select(1))
+    outcomes.clear()
+    async with manager.engine.connect() as connection:
+        await connection.scalar(select(1))
+    assert outcomes == ["alive"]
+
+    def ping_lost(coroutine: Coroutine[Any, Any, None]) -> None:
+        coroutine.close()
+        raise ConnectionResetError("the ping's answer never came")
+
+    outcomes.clear()
+    monkeypatch.setattr(_liveness, "await_only", ping_lost)
+    # The pool drops the connection whose ping failed and checks out a new one.
+    async with manager.engine.connect() as connection:
+        assert await connection.scalar(select(1)) == 1
+    assert outcomes == ["ping_failed"]

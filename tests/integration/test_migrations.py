@@ -33,7 +33,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
-import app.models  # noqa: F401  (registers the models on Base.metadata)
+import app.models  # noqa: F401  (registers the models on Model.metadata)
 from app.database import DatabaseSessionManager
 from app.database.testing import create_test_database, drop_test_database
 from tests.migrations import alembic_config, downgrade, run_alembic, table_names, upgrade

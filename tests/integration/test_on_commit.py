@@ -617,3 +617,14 @@ async def test_callbacks_run_exactly_once_per_committed_unit(
     assert all(
         attempts[unit_id] == 2 for unit_id, fate in fates.items() if fate.startswith("retr")
     ), f"seed {seed}"
+
+
+async def test_the_toolkits_capture_runs_nothing_unless_asked(db_connection: Any) -> None:
+    """capture_on_commit_callbacks(connection) without execute= only collects the callbacks."""
+    calls: list[str] = []
+
+    async with testing_on_commit.capture_on_commit_callbacks(db_connection) as callbacks:
+        await _create_item("first", calls)
+
+    assert calls == []
+    assert len(callbacks) == 1

@@ -10,9 +10,19 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.database.testing.pytest_plugin import _row_counts
 from tests.paths import REPO_ROOT
+
+# The plugin, and the model on the package's Base, whose metadata create_all builds.
+PLUGIN_CONFTEST = """
+import probe_notes  # noqa: F401
+
+pytest_plugins = ["app.database.testing.pytest_plugin"]
+"""
 
 # In a module of its own, so that a conftest can seed the table before any test runs.
 NOTES_MODEL = """
@@ -141,7 +151,7 @@ def _project(
     asyncio_mode: str | None = "auto",
     fixture_loop_scope: str | None = "session",
     test_loop_scope: str | None = "session",
-    conftest: str = 'pytest_plugins = ["app.database.testing.pytest_plugin"]',
+    conftest: str = PLUGIN_CONFTEST,
 ) -> None:
     """An inner project using the plugin on `server`: ini, conftest and the notes model."""
     # The inner runs import this repository's package, and name their server by ini.
@@ -342,3 +352,76 @@ async def test_connection_left_checked_out_fails_only_that_test(
             "ERROR test_leak.py::test_a_keeps_a_connection*",
         ]
     )
+
+
+# A service's models on a DeclarativeBase of its own, and the override that builds them.
+OWN_BASE_CONFTEST = """
+import pytest
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+pytest_plugins = ["app.database.testing.pytest_plugin"]
+
+
+class OwnBase(DeclarativeBase):
+    pass
+
+
+class Tag(OwnBase):
+    __tablename__ = "plugin_probe_tags"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+@pytest.fixture(scope="session")
+def database_metadata():
+    return OwnBase.metadata
+"""
+
+OWN_BASE_TESTS = """
+from sqlalchemy import text
+
+
+async def test_the_own_base_tables_exist(db_session):
+    assert await db_session.scalar(text("SELECT count(*) FROM plugin_probe_tags")) == 0
+"""
+
+
+async def test_database_metadata_points_create_all_at_the_service_base(
+    inner: InnerProject,
+) -> None:
+    """Without an alembic.ini, the schema comes from the metadata the override returns."""
+    result = inner.run(files={"test_tags": OWN_BASE_TESTS}, conftest=OWN_BASE_CONFTEST)
+
+    result.assert_outcomes(passed=1)
+
+
+async def test_no_schema_to_build_stops_the_run_naming_the_override(
+    inner: InnerProject,
+) -> None:
+    """No alembic.ini and nothing on the package's Base: a message, not missing tables."""
+    conftest = 'pytest_plugins = ["app.database.testing.pytest_plugin"]'
+    result = inner.run(files={"test_tags": OWN_BASE_TESTS}, conftest=conftest)
+
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    result.stdout.fnmatch_lines(["*no table in the database_metadata fixture's metadata*"])
+
+
+async def test_a_partitioned_table_is_counted_once_through_its_parent(
+    db_connection: AsyncConnection,
+) -> None:
+    """The leftover check counts a partitioned table's rows once, under the parent's name."""
+    await db_connection.execute(
+        text("CREATE TABLE plugin_probe_parted (id int) PARTITION BY RANGE (id)")
+    )
+    await db_connection.execute(
+        text(
+            "CREATE TABLE plugin_probe_parted_low PARTITION OF plugin_probe_parted "
+            "FOR VALUES FROM (0) TO (100)"
+        )
+    )
+    await db_connection.execute(text("INSERT INTO plugin_probe_parted VALUES (1)"))
+
+    counts = await db_connection.run_sync(_row_counts)
+
+    assert counts["plugin_probe_parted"] == 1
+    assert "plugin_probe_parted_low" not in counts

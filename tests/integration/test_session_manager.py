@@ -17,11 +17,22 @@ from app.database import (
     DatabaseNotInitializedError,
     DatabaseSessionManager,
     TransactionAbortedError,
+    _drain,
 )
 from app.models import Item
 from tests.drivers import DRIVER, command_timeout_of
 from tests.integration.failing_work import terminate_backend
+from tests.integration.held_connection import holding_a_connection, until
 from tests.postgres import checked_out, idle_in_transaction
+
+
+def _connection_fates(manager: DatabaseSessionManager) -> list[str]:
+    """What becomes of the engine's connections, in order: returned to the pool, or cut."""
+    events: list[str] = []
+    sync_engine = manager.engine.sync_engine
+    event.listen(sync_engine, "checkin", lambda *_: events.append("connection returned"))
+    event.listen(sync_engine, "invalidate", lambda *_: events.append("connection cut"))
+    return events
 
 
 async def _names(observer: asyncpg.Connection) -> list[str]:
@@ -213,44 +224,41 @@ async def test_concurrent_close_calls_return_only_once_the_drain_is_done(
     cancelled (its connection is then cut), or the manager was reopened in between:
     every call returns only once that connection is back or cut and the engine is gone.
     """
-    manager = DatabaseSessionManager()
-    manager.init(url=database_url)
-    events: list[str] = []
-    sync_engine = manager.engine.sync_engine
-    event.listen(sync_engine, "checkin", lambda *_: events.append("connection returned"))
-    event.listen(sync_engine, "invalidate", lambda *_: events.append("connection cut"))
-    holding, release = asyncio.Event(), asyncio.Event()
+    async with holding_a_connection(database_url) as holder:
+        manager = holder.manager
+        sync_engine = manager.engine.sync_engine
+        events = _connection_fates(manager)
+        called: set[str] = set()
 
-    async def unit_of_work() -> None:
-        async with manager.session() as db:
-            await db.execute(text("SELECT 1"))
-            holding.set()
-            await release.wait()
+        async def closer(name: str) -> None:
+            called.add(name)
+            try:
+                await manager.close(grace=60)
+            except asyncio.CancelledError:
+                events.append(f"{name} cancelled")
+                raise
+            events.append(f"{name} returned")
 
-    async def closer(name: str) -> None:
-        try:
-            await manager.close(grace=60)
-        except asyncio.CancelledError:
-            events.append(f"{name} cancelled")
-            raise
-        events.append(f"{name} returned")
-
-    work = asyncio.create_task(unit_of_work())
-    await holding.wait()
-    first = asyncio.create_task(closer("first close"))
-    await asyncio.sleep(0)  # the first close() is now waiting for the unit of work
-    if case == "reopened":
-        manager.init(url=database_url)
-    second = asyncio.create_task(closer("second close"))
-    await asyncio.sleep(0)  # the second has run up to its first wait, or returned
-    if case == "first-close-cancelled":
-        first.cancel()
-    else:
-        release.set()
-    await asyncio.wait({first, second})
-    until_closed = list(events)
-    release.set()
-    outcomes = await asyncio.gather(work, first, second, return_exceptions=True)
+        first = asyncio.create_task(closer("first close"))
+        await until(holder.draining, "the first close() waiting for the unit of work")
+        first_drain = set(manager._draining)
+        if case == "reopened":
+            manager.init(url=database_url)
+        second = asyncio.create_task(closer("second close"))
+        # Only the first's drain is left (the second's, of the reopened engine, is over):
+        # the second close() is waiting for it, or has returned.
+        await until(
+            lambda: "second close" in called and manager._draining == first_drain,
+            "the second close() waiting for the first's drain",
+        )
+        if case == "first-close-cancelled":
+            first.cancel()
+        else:
+            holder.release()
+        await asyncio.wait({first, second})
+        until_closed = list(events)
+        holder.release()
+        outcomes = await asyncio.gather(holder.task, first, second, return_exceptions=True)
 
     if case == "first-close-cancelled":
         assert until_closed == ["connection cut", "first close cancelled", "second close returned"]
@@ -314,3 +322,88 @@ async def test_a_caught_failure_of_the_apps_own_prepared_statement_still_fails_t
                 await db.execute(text("EXECUTE no_such_statement"))
 
     assert await _names(observer) == []
+
+
+async def test_close_without_grace_cuts_a_connection_in_use_at_once(database_url: URL) -> None:
+    """close(grace=0) waits for no unit of work: the connection one holds is cut at once
+    (close() returns while the unit still holds it), and the unit's next statement fails."""
+    async with holding_a_connection(
+        database_url, then=lambda db: db.execute(text("SELECT 1"))
+    ) as holder:
+        events = _connection_fates(holder.manager)
+        closing = asyncio.create_task(holder.manager.close(grace=0))
+        # Not a measure of speed: a close() that waited for the unit would wait forever.
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        until_closed = list(events)
+        holder.release()
+        outcomes = await asyncio.gather(holder.task, closing, return_exceptions=True)
+
+    assert done == {closing}
+    assert until_closed[:1] == ["connection cut"]
+    assert isinstance(outcomes[0], Exception)
+
+
+class _FrozenClock:
+    """A monotonic clock that never moves: close()'s grace period never runs out."""
+
+    @staticmethod
+    def monotonic() -> float:
+        return 1000.0
+
+
+async def test_close_waits_out_a_grace_period_under_a_second(
+    database_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close(grace=0.5) waits for a unit of work holding a connection: the whole grace, not
+    a second less, so the unit ends on its own and its connection is returned, not cut."""
+    monkeypatch.setattr(_drain, "time", _FrozenClock)
+    async with holding_a_connection(
+        database_url, then=lambda db: db.scalar(text("SELECT 2"))
+    ) as holder:
+        events = _connection_fates(holder.manager)
+        closing = asyncio.create_task(holder.manager.close(grace=0.5))
+        await until(holder.draining, "close() waiting for the unit")
+        holder.release()
+        outcomes = await asyncio.gather(holder.task, closing, return_exceptions=True)
+
+    assert list(outcomes) == [2, None]
+    assert events == ["connection returned"]
+
+
+async def test_the_engine_opens_no_new_connection_while_it_is_closing(
+    database_url: URL,
+) -> None:
+    """During close()'s grace period, code still holding the engine cannot open a new
+    connection (it would outlive the pool being disposed): DatabaseNotInitializedError,
+    raised before the service's own do_connect listeners run (they may connect)."""
+    async with holding_a_connection(database_url) as holder:
+        engine = holder.manager.engine
+        connecting: list[str] = []  # listening from here: not the unit's own connection
+        event.listen(engine.sync_engine, "do_connect", lambda *_: connecting.append("listener"))
+        closing = asyncio.create_task(holder.manager.close(grace=60))
+        await until(holder.draining, "close() waiting for the unit")
+        try:
+            with pytest.raises(DatabaseNotInitializedError):
+                async with engine.connect() as connection:  # the only connection is in use
+                    await connection.execute(text("SELECT 1"))
+        finally:
+            holder.release()
+            await asyncio.gather(closing, return_exceptions=True)
+
+    assert connecting == []
+
+
+async def test_close_without_grace_does_not_wait_even_on_a_clock_that_stands_still(
+    database_url: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close(grace=0) cuts a connection in use without one wait: no time left is no time,
+    even when no time passes between the deadline and the check (a frozen clock)."""
+    monkeypatch.setattr(_drain, "time", _FrozenClock)
+    async with holding_a_connection(database_url) as holder:
+        closing = asyncio.create_task(holder.manager.close(grace=0))
+        # Not a measure of speed: a close() that waited here would wait forever.
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        holder.release()
+        await asyncio.gather(closing, return_exceptions=True)
+
+    assert done == {closing}

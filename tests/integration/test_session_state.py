@@ -24,11 +24,13 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SAWarning
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.database import AsyncSessionDep, DatabaseSessionManager, _fastapi, _liveness
+from app.database import AsyncSessionDep, DatabaseSessionManager, _fastapi
 from app.database import _session_state as session_state
+from app.database import _signals as signals
 from benchmarks.request_path.proxy import RoundTripProxy
 from tests.drivers import DRIVER, application_name
 from tests.postgres import asyncpg_dsn, checked_out
+from tests.round_trips import counted_manager
 
 APPLICATION = f"h3-state-{os.getpid()}"
 ROLE = f"h3_state_role_{os.getpid()}"  # roles are cluster-wide: named after this process
@@ -360,22 +362,19 @@ async def counted_fixture(
     database_url: URL, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[DatabaseSessionManager, RoundTripProxy]]:
     """A one-connection manager behind the round-trip-counting proxy, with a table to write."""
-    # Sequential requests within a second skip the liveness ping; on a slow machine a
-    # gap could add one: keep it out of the count.
-    monkeypatch.setattr(_liveness, "FRESH_SECONDS", 3600.0)
-    proxy = RoundTripProxy(database_url.host or "127.0.0.1", database_url.port or 5432)
-    port = await proxy.start()
-    manager = await _open_manager(database_url.set(host="127.0.0.1", port=port))
-    monkeypatch.setattr(_fastapi, "session_manager", manager)
-    async with manager.engine.begin() as connection:
-        await connection.execute(text("CREATE TABLE h3_state_rows (id int PRIMARY KEY, note text)"))
-    try:
-        yield manager, proxy
-    finally:
+    async with counted_manager(
+        database_url, monkeypatch, connect_args=application_name(APPLICATION)
+    ) as (manager, proxy):
+        monkeypatch.setattr(_fastapi, "session_manager", manager)
         async with manager.engine.begin() as connection:
-            await connection.execute(text("DROP TABLE h3_state_rows"))
-        await manager.close()
-        await proxy.close()
+            await connection.execute(
+                text("CREATE TABLE h3_state_rows (id int PRIMARY KEY, note text)")
+            )
+        try:
+            yield manager, proxy
+        finally:
+            async with manager.engine.begin() as connection:
+                await connection.execute(text("DROP TABLE h3_state_rows"))
 
 
 def _rows_app() -> FastAPI:
@@ -740,3 +739,80 @@ async def test_a_connection_whose_state_could_not_be_read_is_closed_instead_of_r
     assert "reading a new connection's session state failed" in caplog.text
     assert after["pid"] != first, "reused without knowing what to restore"
     assert after["statement_timeout"] != "4321ms"
+
+
+async def test_listeners_hear_a_reset_that_failed(
+    manager: DatabaseSessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session_state_reset hook's listeners hear "failed" when a reset fails (its
+    connection is then closed), as they hear "reset" when one succeeds."""
+    heard: list[str] = []
+
+    def listener(_: Any, outcome: str) -> None:
+        heard.append(outcome)
+
+    async with manager.session() as db:  # the connect-time state is read at first checkout
+        await db.execute(text("SELECT 1"))
+
+    def reset_lost(coroutine: Any) -> None:
+        coroutine.close()
+        raise ConnectionResetError("the reset's answer never came")
+
+    signals.session_state_reset.connect(listener)
+    try:
+        async with manager.session() as db:
+            await db.execute(text("SET application_name = 'changed by the unit'"))
+        async with manager.session() as db:
+            await db.execute(text("SET application_name = 'changed again'"))
+            monkeypatch.setattr(session_state, "await_only", reset_lost)
+    finally:
+        signals.session_state_reset.disconnect(listener)
+
+    assert heard == ["reset", "failed"]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT set_config('a', 'x,y', true)",
+        "SELECT set_config('a','b',true)",
+        "SELECT set_config('a', 'b', true), 1, 2",
+    ],
+    ids=["comma in a literal", "no spaces", "more after the call"],
+)
+def test_a_local_set_config_is_read_argument_by_argument(statement: str) -> None:
+    """set_config's arguments are split at the commas outside literals and nested calls, up
+    to the call's own closing parenthesis: each of these is transaction-local (no effect)."""
+    assert session_state.session_effect(statement) is None
+
+
+def test_a_local_set_config_does_not_hide_what_follows_it() -> None:
+    """After a transaction-local set_config, the same statement's advisory lock still counts."""
+    statement = "SELECT set_config('a', 'b', true), pg_advisory_lock(1)"
+
+    assert session_state.session_effect(statement) == "reset"
+
+
+async def test_a_connection_whose_connect_state_is_unknown_is_closed_not_reset(
+    manager: DatabaseSessionManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new connection whose connect-time state could not be read is closed, not reset,
+    once it changes session state (nothing says what to restore); listeners hear "closed"."""
+    heard: list[str] = []
+
+    def listener(_: Any, outcome: str) -> None:
+        heard.append(outcome)
+
+    def unreadable(coroutine: Any) -> None:
+        coroutine.close()
+        raise RuntimeError("a catalog the read needs is missing")
+
+    monkeypatch.setattr(session_state, "await_only", unreadable)
+    signals.session_state_reset.connect(listener)
+    try:
+        async with manager.session() as db:  # the first checkout: the read fails
+            await db.execute(text("SET application_name = 'changed by the unit'"))
+    finally:
+        signals.session_state_reset.disconnect(listener)
+
+    assert heard == ["closed"]

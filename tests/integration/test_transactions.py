@@ -25,17 +25,17 @@ from app.database import (
     AsyncSessionDep,
     CommitOutcomeUnknownError,
     DatabaseConfigError,
-    DatabaseErrorKind,
     DatabaseSessionManager,
+    ReadOnlyTransactionError,
     RetryingRoute,
     _fastapi,
     _retry,
-    classify_error,
     get_db,
     on_commit,
     retrying_route_class,
     session_dependency,
 )
+from app.database._classify import sqlstate_of
 from app.main import create_app
 from tests.integration.forced_conflicts import (
     RAISE_SERIALIZATION_FAILURE,
@@ -109,10 +109,10 @@ async def test_a_units_isolation_and_flags_apply_to_it_alone(
 
 async def test_a_read_only_unit_refuses_writes(manager: DatabaseSessionManager) -> None:
     """read_only=True: PostgreSQL refuses the INSERT (25006), nothing is stored."""
-    with pytest.raises(DBAPIError) as caught:
+    with pytest.raises(ReadOnlyTransactionError) as caught:
         async with manager.session(read_only=True) as db:
             await db.execute(INSERT, {"note": "read-only", "fail": False})
-    assert classify_error(caught.value) is DatabaseErrorKind.UNAVAILABLE  # 25006
+    assert sqlstate_of(caught.value) == "25006"
     assert await _stored(manager, "read-only") == 0
 
 
@@ -369,13 +369,13 @@ async def test_a_units_options_hold_after_an_explicit_commit(
 ) -> None:
     """Every transaction of the unit is read-only, not just the first."""
     probe = text("SELECT current_setting('transaction_read_only')")
-    with pytest.raises(DBAPIError) as refused:
+    with pytest.raises(ReadOnlyTransactionError) as refused:
         async with manager.session(read_only=True) as db:
             assert await db.scalar(probe) == "on"
             await db.commit()
             assert await db.scalar(probe) == "on"
             await db.execute(INSERT, {"note": "after-commit", "fail": False})
-    assert classify_error(refused.value) is DatabaseErrorKind.UNAVAILABLE  # 25006
+    assert sqlstate_of(refused.value) == "25006"
     assert await _stored(manager, "after-commit") == 0
 
 
@@ -429,10 +429,10 @@ async def test_read_only_holds_inside_a_tests_rollback_isolation(db_session: Asy
     """A write in a read-only unit fails under the test plugin too; the test's own work goes on."""
     from app.database import session_manager
 
-    with pytest.raises(DBAPIError) as refused:
+    with pytest.raises(ReadOnlyTransactionError) as refused:
         async with session_manager.session(read_only=True) as db:
             await db.execute(text("INSERT INTO items (name) VALUES ('read-only-in-a-test')"))
-    assert classify_error(refused.value) is DatabaseErrorKind.UNAVAILABLE  # 25006
+    assert sqlstate_of(refused.value) == "25006"
     assert await db_session.scalar(text("SHOW transaction_read_only")) == "off"
     async with session_manager.session(read_only=True) as db:  # released, not rolled back
         assert await db.scalar(text("SHOW transaction_read_only")) == "on"

@@ -20,7 +20,12 @@ import app.database._fastapi
 import app.health
 import app.main
 from app.config import DEFAULT_DATABASE_URL, database_url
-from app.database import DatabaseConfigError, DatabaseSessionManager, session_manager
+from app.database import (
+    DatabaseConfigError,
+    DatabaseSessionManager,
+    ReadOnlyTransactionError,
+    session_manager,
+)
 from tests.item_routes import *  # noqa: F403  (pytest collects the imported tests)
 from tests.migrations import alembic_config, run_alembic, table_names, upgrade
 
@@ -101,18 +106,35 @@ def test_database_url_defaults_to_sqlite(
     assert DEFAULT_DATABASE_URL.startswith("sqlite+aiosqlite:///")
 
 
-@pytest.mark.parametrize(
-    "options", [{"read_only": True}, {"isolation_level": "SERIALIZABLE"}], ids=str
-)
-async def test_transaction_options_are_refused_on_sqlite(
-    sqlite_url: str, options: dict[str, object]
-) -> None:
-    """They are PostgreSQL's: on SQLite a read-only unit would write. Refused before connecting."""
+async def test_isolation_levels_are_refused_on_sqlite(sqlite_url: str) -> None:
+    """PostgreSQL's levels mean something else on SQLite: refused before connecting."""
     manager = DatabaseSessionManager()
     manager.init(url=sqlite_url)
     try:
         with pytest.raises(DatabaseConfigError, match="for PostgreSQL engines"):
-            async with manager.session(**options):  # type: ignore[arg-type]
+            async with manager.session(isolation_level="SERIALIZABLE"):
                 pass
+    finally:
+        await manager.close()
+
+
+async def test_a_read_only_unit_on_sqlite_refuses_writes_and_the_next_unit_writes(
+    sqlite_url: str,
+) -> None:
+    """PRAGMA query_only enforces read_only=True on SQLite, for that unit only."""
+    manager = DatabaseSessionManager()
+    manager.init(url=sqlite_url, pool_size=1, max_overflow=0)
+    try:
+        async with manager.session() as session:
+            await session.execute(text("CREATE TABLE notes (body text)"))
+        with pytest.raises(ReadOnlyTransactionError):
+            async with manager.session(read_only=True) as session:
+                await session.execute(text("INSERT INTO notes VALUES ('refused')"))
+        async with manager.session(read_only=True) as session:
+            assert await session.scalar(text("SELECT count(*) FROM notes")) == 0
+        async with manager.session() as session:  # the same, only, connection
+            await session.execute(text("INSERT INTO notes VALUES ('written')"))
+        async with manager.session(read_only=True) as session:
+            assert await session.scalar(text("SELECT count(*) FROM notes")) == 1
     finally:
         await manager.close()

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from app.database import DatabaseErrorKind, classify_error
+from app.database._classify import sqlstate_of
 
 CONFLICT, RETRYABLE = DatabaseErrorKind.CONFLICT, DatabaseErrorKind.RETRYABLE
 UNAVAILABLE, TIMEOUT = DatabaseErrorKind.UNAVAILABLE, DatabaseErrorKind.TIMEOUT
@@ -93,3 +94,51 @@ def test_error_raised_while_handling_a_database_error_keeps_its_own_meaning() ->
             raise ValueError("the application's own decision")  # noqa: B904 - the point
 
     assert classify_error(raised.value) is None
+
+
+class _Wrapper(Exception):
+    """An error wrapping a driver's as SQLAlchemy's do: the driver's error in `.orig`."""
+
+    def __init__(self, orig: BaseException | None) -> None:
+        super().__init__("wrapped")
+        self.orig = orig
+
+
+class _WithCodes(Exception):
+    """An error carrying `sqlstate` and `pgcode` attributes of any value."""
+
+    def __init__(self, sqlstate: object = None, pgcode: object = None) -> None:
+        super().__init__("coded")
+        self.sqlstate = sqlstate
+        self.pgcode = pgcode
+
+
+def test_the_wrapped_driver_error_is_read_before_the_cause() -> None:
+    """`.orig` (the driver's error) is read before `__cause__`: breadth-first."""
+    wrapper = _Wrapper(asyncpg.DeadlockDetectedError("deadlock detected"))
+    wrapper.__cause__ = asyncpg.UniqueViolationError("duplicate key")
+
+    assert sqlstate_of(wrapper) == "40P01"
+    assert classify_error(wrapper) is RETRYABLE
+
+
+def test_an_error_met_twice_in_the_chain_does_not_end_the_walk() -> None:
+    """The same error as `.orig` and as `__cause__` (SQLAlchemy's usual wrapping) is read
+    once, and the walk goes on to what lies behind it."""
+    behind = asyncpg.SerializationError("could not serialize access")
+    adapter = _Wrapper(None)
+    adapter.__cause__ = behind
+    wrapper = _Wrapper(adapter)
+    wrapper.__cause__ = adapter
+
+    assert sqlstate_of(wrapper) == "40001"
+    assert classify_error(wrapper) is RETRYABLE
+
+
+@pytest.mark.parametrize("value", ["", "4000", "40P01X", 40001], ids=repr)
+def test_a_sqlstate_attribute_that_is_not_five_characters_is_not_a_sqlstate(
+    value: object,
+) -> None:
+    """Only a five-character string is taken for a SQLSTATE; `pgcode` (psycopg2's) is next."""
+    assert sqlstate_of(_WithCodes(sqlstate=value)) is None
+    assert sqlstate_of(_WithCodes(sqlstate=value, pgcode="40P01")) == "40P01"

@@ -1,4 +1,4 @@
-"""The timeout defaults init() adds for asyncpg, and where the caller's values win."""
+"""The defaults init() adds (pool shape, timeouts), and where the caller's values win."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
 from app.database import DatabaseConfigError
 from app.database._config import (
+    POOL_DEFAULTS,
     POOL_TIMEOUT_SECONDS,
     engine_options,
 )
@@ -59,14 +60,44 @@ def test_a_timeout_in_the_url_query_that_is_no_number_is_refused() -> None:
     assert "secret" not in str(caught.value)
 
 
+def test_the_default_pool_is_fixed() -> None:
+    """No sizes passed: 15 kept connections and no overflow, most recently used first."""
+    options = engine_options({}, ASYNCPG)
+
+    assert {name: options[name] for name in POOL_DEFAULTS} == {
+        "pool_size": 15,
+        "max_overflow": 0,
+        "pool_timeout": POOL_TIMEOUT_SECONDS,
+        "pool_use_lifo": True,
+    }
+
+
 @pytest.mark.parametrize(
-    ("poolclass", "has_timeout"), [(AsyncAdaptedQueuePool, True), (NullPool, False)]
+    ("given", "shape"),
+    [
+        ({"pool_size": 3}, (3, 0)),
+        ({"max_overflow": 10}, (15, 10)),
+        ({"pool_size": 5, "max_overflow": 10}, (5, 10)),
+        ({"pool_size": 2, "max_overflow": -1}, (2, -1)),
+    ],
 )
-def test_pool_timeout_is_set_only_for_a_queue_pool(poolclass: Any, has_timeout: bool) -> None:
-    """A pool that never queues (NullPool) would reject pool_timeout."""
+def test_the_sizes_passed_are_used_as_given(given: dict[str, int], shape: tuple[int, int]) -> None:
+    """Only a size left out takes the default; none is rewritten into another shape."""
+    options = engine_options(given, ASYNCPG)
+
+    assert (options["pool_size"], options["max_overflow"]) == shape
+
+
+@pytest.mark.parametrize(
+    ("poolclass", "queue_pool"), [(AsyncAdaptedQueuePool, True), (NullPool, False)]
+)
+def test_pool_defaults_are_set_only_for_a_queue_pool(poolclass: Any, queue_pool: bool) -> None:
+    """A pool that never queues (NullPool) would reject pool_size, pool_timeout, ..."""
     options = engine_options({"poolclass": poolclass}, ASYNCPG)
 
-    assert ("pool_timeout" in options) is has_timeout
+    assert [name for name in POOL_DEFAULTS if name in options] == (
+        list(POOL_DEFAULTS) if queue_pool else []
+    )
 
 
 def test_other_drivers_get_no_driver_options() -> None:

@@ -94,18 +94,23 @@ async def test_engine_options_override_the_defaults(manager: DatabaseSessionMana
 
 
 @pytest.mark.parametrize(
-    ("sizes", "kept"),
-    [({}, 15), ({"pool_size": 3, "max_overflow": 2}, 5), ({"pool_size": 4, "max_overflow": 0}, 4)],
+    ("sizes", "shape"),
+    [
+        ({}, (15, 0)),
+        ({"pool_size": 3, "max_overflow": 2}, (3, 2)),
+        ({"pool_size": 4}, (4, 0)),
+        ({"max_overflow": 5}, (15, 5)),
+    ],
 )
-async def test_pool_keeps_every_connection_it_may_open(
-    manager: DatabaseSessionManager, sizes: dict[str, Any], kept: int
+async def test_pool_is_shaped_as_given(
+    manager: DatabaseSessionManager, sizes: dict[str, Any], shape: tuple[int, int]
 ) -> None:
-    """pool_size + max_overflow connections are all kept, the one used last handed out first."""
+    """The sizes passed are used as given; only what is left out takes the default (15 + 0)."""
     manager.init(url=URL, **sizes)
     try:
         pool = manager.engine.pool
         assert isinstance(pool, QueuePool)
-        assert (pool.size(), pool.overflow()) == (kept, -kept)
+        assert (pool.size(), pool._max_overflow) == shape  # no public accessor for the latter
         assert pool._pool.use_lifo is True  # no public accessor
     finally:
         await manager.close()

@@ -7,11 +7,12 @@ with either driver installed alone.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from ._base import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, Driver
 
@@ -21,6 +22,7 @@ __all__ = [
     "Driver",
     "driver_for",
     "driver_of",
+    "imported",
     "in_use",
     "remember_driver",
 ]
@@ -45,6 +47,20 @@ def in_use() -> list[Driver]:
     return list(_loaded.values())
 
 
+def imported() -> list[Driver]:
+    """The drivers whose library this process has imported, engine of the package or not.
+
+    For an error from an engine the package did not build (a service's Alembic
+    env.py, on another driver than its app): the library that raised it is imported.
+    """
+    # Not through driver_for(): in_use() must not grow.
+    return [
+        importlib.import_module(module, __name__).DRIVER
+        for name, module in _MODULES.items()
+        if name in sys.modules
+    ]
+
+
 # Where each pooled connection records its driver, for the pool's listeners,
 # which are given the connection but neither its engine nor its dialect.
 _DRIVER_KEY = "app.database.driver"
@@ -59,7 +75,8 @@ def remember_driver(engine: Engine, driver: Driver) -> None:
     event.listen(engine, "connect", remember, insert=True)
 
 
-def driver_of(record: ConnectionPoolEntry) -> Driver:
-    """The driver of a pooled connection whose engine called `remember_driver()`."""
+def driver_of(record: ConnectionPoolEntry | PoolProxiedConnection) -> Driver:
+    """The driver of a pooled connection (its pool entry, or the connection checked out)
+    whose engine called `remember_driver()`."""
     driver: Driver = record.info[_DRIVER_KEY]
     return driver

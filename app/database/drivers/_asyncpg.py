@@ -7,16 +7,21 @@ this module loads wherever the package does.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import socket
-from collections.abc import Coroutine, Iterator
-from types import TracebackType
+from collections.abc import Coroutine
 from typing import Any
 
 from sqlalchemy.engine import URL
 
 from .._classify import DatabaseErrorKind
 from .._errors import DatabaseConfigError
-from ._base import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, Driver
+from ._base import (
+    COMMAND_TIMEOUT_SECONDS,
+    CONNECT_TIMEOUT_SECONDS,
+    Driver,
+    traceback_frames,
+)
 
 # The frame every new asyncpg connection passes through: `asyncpg.connect()`.
 _CONNECT_FRAME = ("asyncpg.connection", "connect")
@@ -105,8 +110,9 @@ class AsyncpgDriver(Driver):
         # asyncpg's own CancelRequest sender. It is private: asyncpg cancels only
         # through a connection still open, and terminate() drops pending cancels.
         try:
-            from asyncpg import connect_utils
-
+            # importlib: asyncpg has no type stubs, and a static import would need
+            # them under a host's `mypy --strict`.
+            connect_utils = importlib.import_module("asyncpg.connect_utils")
             protocol = connection._protocol
             request: Coroutine[Any, Any, None] = connect_utils._cancel(
                 loop=asyncio.get_running_loop(),
@@ -167,7 +173,7 @@ class AsyncpgDriver(Driver):
         # OSError / TimeoutError: they are the database's only if asyncpg raised them.
         if not isinstance(error, (TimeoutError, asyncio.TimeoutError, OSError)):
             return None
-        frames = list(_frames(error.__traceback__))
+        frames = list(traceback_frames(error.__traceback__))
         if not any(module.partition(".")[0] == "asyncpg" for module, _ in frames):
             return None  # raised by something other than the driver
         if _CONNECT_FRAME in frames:
@@ -178,12 +184,12 @@ class AsyncpgDriver(Driver):
             return DatabaseErrorKind.TIMEOUT  # command_timeout
         return DatabaseErrorKind.UNAVAILABLE  # the socket failed mid-command
 
-
-def _frames(traceback: TracebackType | None) -> Iterator[tuple[str, str]]:
-    while traceback is not None:
-        frame = traceback.tb_frame
-        yield frame.f_globals.get("__name__", ""), frame.f_code.co_name
-        traceback = traceback.tb_next
+    def failed_to_connect(self, error: BaseException) -> bool:
+        # The network's failures reach here as bare OSError or TimeoutError, the
+        # server's refusals as PostgresError: all raised inside asyncpg.connect().
+        return isinstance(error, Exception) and _CONNECT_FRAME in traceback_frames(
+            error.__traceback__
+        )
 
 
 DRIVER = AsyncpgDriver()

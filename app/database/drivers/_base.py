@@ -9,13 +9,13 @@ interface, so supporting another driver means adding one module beside this one.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Iterator
+from types import TracebackType
+from typing import Any
 
 from sqlalchemy.engine import URL
 
-if TYPE_CHECKING:
-    from .._classify import DatabaseErrorKind
+from .._classify import SQLSTATE_LENGTH, DatabaseErrorKind
 
 # The waits every driver bounds by default (README, "Timeouts"): connecting, one
 # statement, and (SQLAlchemy's, driver-independent) a free pooled connection.
@@ -93,6 +93,15 @@ class Driver:
         """The kind of a driver failure that carries no SQLSTATE, or None."""
         raise NotImplementedError
 
+    def failed_to_connect(self, error: BaseException) -> bool:
+        """Whether the driver raised `error` opening a connection, whatever the reason.
+
+        The server unreachable, or refusing the login (no such database,
+        authentication, too many clients), with a SQLSTATE or, as libpq reports
+        a refused login, without one.
+        """
+        raise NotImplementedError
+
     def sent_by_server(self, error: BaseException) -> bool:
         """Whether PostgreSQL sent `error` (so it aborted the transaction).
 
@@ -100,7 +109,7 @@ class Driver:
         encode) leaves the transaction usable.
         """
         sqlstate = getattr(error, "sqlstate", None)
-        return isinstance(sqlstate, str) and len(sqlstate) == 5
+        return isinstance(sqlstate, str) and len(sqlstate) == SQLSTATE_LENGTH
 
     prepared_statement_prefix: str = ""
     """How the driver names the statements it prepares, e.g. `__asyncpg_stmt_`."""
@@ -119,3 +128,11 @@ class Driver:
             and bool(self.prepared_statement_prefix)
             and f'prepared statement "{self.prepared_statement_prefix}' in str(error)
         )
+
+
+def traceback_frames(traceback: TracebackType | None) -> Iterator[tuple[str, str]]:
+    """(module, function) of each frame of `traceback`, outermost first."""
+    while traceback is not None:
+        frame = traceback.tb_frame
+        yield frame.f_globals.get("__name__", ""), frame.f_code.co_name
+        traceback = traceback.tb_next

@@ -24,9 +24,17 @@ from sqlalchemy.engine import URL
 from .._classify import DatabaseErrorKind
 from .._closing import CANCEL_TIMEOUT_SECONDS, POOLER_CANCEL_TIMEOUT_SECONDS, bounded
 from .._errors import DatabaseConfigError
-from ._base import COMMAND_TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS, Driver
+from ._base import (
+    COMMAND_TIMEOUT_SECONDS,
+    CONNECT_TIMEOUT_SECONDS,
+    Driver,
+    traceback_frames,
+)
 
 _STATUS = psycopg.pq.TransactionStatus
+# The frames every new psycopg connection passes through: `connect()` of
+# AsyncConnection (the package's engines) or Connection (a sync engine's).
+_CONNECT_FRAMES = {("psycopg.connection_async", "connect"), ("psycopg.connection", "connect")}
 # libpq counts connect_timeout in whole seconds, 2 at least.
 _MIN_CONNECT_TIMEOUT = 2
 
@@ -178,9 +186,11 @@ class PsycopgDriver(Driver):
         if isinstance(connection, BoundedConnection):
             # Bounded by the connection's own timeout, which cuts it cleanly on expiry.
             connection.command_timeout = min(usual_timeout or timeout, timeout)
-        idle = connection.pgconn.transaction_status == _STATUS.IDLE
+        # Switched to autocommit, and back, only if it is not in autocommit already (a
+        # read-only unit's connection): client-side only, as the connection is idle.
+        idle = connection.pgconn.transaction_status == _STATUS.IDLE and not connection.autocommit
         if idle:
-            await connection.set_autocommit(True)  # client-side only: the connection is idle
+            await connection.set_autocommit(True)
         try:
             async with connection.cursor() as cursor:
                 if isinstance(connection, BoundedConnection):
@@ -255,6 +265,14 @@ class PsycopgDriver(Driver):
         if "FATAL" not in message or any(sign in message for sign in _SERVER_NOT_READY):
             return DatabaseErrorKind.UNAVAILABLE
         return None
+
+    def failed_to_connect(self, error: BaseException) -> bool:
+        # Refused, unresolvable, timed out or turned away by the server: psycopg
+        # raises each as an OperationalError from connect(), with no SQLSTATE (libpq
+        # keeps only the message of a refused login, e.sqlstate and e.diag are None).
+        return isinstance(error, psycopg.OperationalError) and not _CONNECT_FRAMES.isdisjoint(
+            traceback_frames(error.__traceback__)
+        )
 
 
 # What PostgreSQL says when it refuses a login it would take later.

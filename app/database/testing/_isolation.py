@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import importlib
+import weakref
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -12,9 +14,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from .._drain import NOT_DRAINED
 from .._manager import DatabaseSessionManager, joined_sessionmaker
+from .._read_only import read_only_savepoint
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+
+# What to undo when an isolation ends (the app overrides that share_session_with_app()
+# installed), by the isolation's connection: a connection is a key while its
+# isolation lasts.
+_UNDO_AT_END: weakref.WeakKeyDictionary[Connection, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+# What an override map held for a dependency it had no override for.
+_ABSENT = object()
 
 
 class IsolationError(RuntimeError):
@@ -49,9 +64,14 @@ async def isolated(manager: DatabaseSessionManager) -> AsyncIterator[AsyncConnec
         event.listen(sync_connection, "commit", _refuse_outer_commit)
         # The harness's own connection: close() inside the block must not cut it.
         sync_connection.info[NOT_DRAINED] = True
+        _UNDO_AT_END[sync_connection] = []
         try:
-            with manager._sessions_joining(connection):
-                yield connection
+            try:
+                with manager._sessions_joining(connection):
+                    yield connection
+            finally:
+                for undo in reversed(_UNDO_AT_END.pop(sync_connection, [])):
+                    undo()
             # (Not after a refused outer commit: the transaction is already gone.)
             if outer.is_active and connection.dialect.name == "postgresql":
                 # Checks every constraint still deferred now, as COMMIT would have.
@@ -73,14 +93,26 @@ def joined_session(connection: AsyncConnection) -> AsyncSession:
     return joined_sessionmaker(connection)()
 
 
-def share_session_with_app(app: FastAPI, session: AsyncSession) -> None:
-    """Make every request of the FastAPI `app` use `session` itself.
+def share_session_with_app(app: FastAPI, session: AsyncSession) -> Callable[[], None]:
+    """Make every request of the FastAPI `app` use `session` itself, until the test ends.
 
-    Routes then share the test's identity map. Like `get_db`, the override commits
+    Routes then share the test's identity map; `ReadSessionDep` routes get it inside a
+    read-only savepoint. Like `get_db`, the override commits
     (releases the savepoint) when the route returns and rolls back when it raises;
     a failed request therefore also rolls back the test's own uncommitted work.
+
+    The app's previous overrides of `get_db` and `get_read_db` come back when the
+    isolation `session` belongs to ends (with the pytest plugin, at the end of the
+    test), so a module-level `app` is left as it was; the returned function puts
+    them back earlier, and is the only way back for a session outside an
+    isolation. Requests then bypass the package's own `get_db`: see the README
+    for what such a test does not exercise.
     """
-    from .._fastapi import get_db  # here, so that this module imports without FastAPI
+    # First: a session without a bind raises here, before the app is changed.
+    bind = session.sync_session.get_bind()
+    # Looked up here, so that this module imports without FastAPI.
+    fastapi_module = importlib.import_module(".._fastapi", __package__)
+    get_db, get_read_db = fastapi_module.get_db, fastapi_module.get_read_db
 
     async def test_session() -> AsyncIterator[AsyncSession]:
         try:
@@ -91,5 +123,35 @@ def share_session_with_app(app: FastAPI, session: AsyncSession) -> None:
             await session.rollback()
             raise
 
+    async def test_read_session() -> AsyncIterator[AsyncSession]:
+        # In a read-only savepoint: a write through ReadSessionDep fails as in production.
+        savepoint = await session.begin_nested()
+        try:
+            async with read_only_savepoint(session):
+                yield session
+            await savepoint.commit()
+        except BaseException:
+            await savepoint.rollback()
+            raise
+
     overrides: dict[Any, Any] = app.dependency_overrides
+    replaced = {
+        dependency: overrides.get(dependency, _ABSENT) for dependency in (get_db, get_read_db)
+    }
     overrides[get_db] = test_session
+    overrides[get_read_db] = test_read_session
+
+    def undo() -> None:
+        for dependency, previous in replaced.items():
+            # Only what is still ours: a later override of the test's own stays.
+            if overrides.get(dependency) not in (test_session, test_read_session):
+                continue
+            if previous is _ABSENT:
+                del overrides[dependency]
+            else:
+                overrides[dependency] = previous
+
+    at_end = _UNDO_AT_END.get(bind) if isinstance(bind, Connection) else None
+    if at_end is not None:
+        at_end.append(undo)
+    return undo

@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from .._read_only import INTERNAL_OPTION
+
 # Savepoint statements: the isolation adds them around every unit of work, so they
 # are left out (and so, note, are those of the code's own begin_nested()).
 _SAVEPOINT_STATEMENT = re.compile(
@@ -35,7 +37,8 @@ class QueryCount:
 
 @contextmanager
 def count_queries(connection: AsyncConnection) -> Iterator[QueryCount]:
-    """Record the statements run on `connection`, savepoint statements left out.
+    """Record the statements run on `connection`, savepoint statements (and the
+    package's own, such as a read-only unit's `SET TRANSACTION READ ONLY`) left out.
 
     `assert queries.count == 2, queries` then catches an N+1 lazy load, and the
     failure message lists every statement. Statements on other connections (for
@@ -45,6 +48,9 @@ def count_queries(connection: AsyncConnection) -> Iterator[QueryCount]:
 
     def record(*args: Any) -> None:
         statement: str = args[2]  # (conn, cursor, statement, parameters, context, many)
+        context = args[4]
+        if context is not None and context.execution_options.get(INTERNAL_OPTION):
+            return  # the package's own (a read-only unit's SET TRANSACTION READ ONLY)
         if not _SAVEPOINT_STATEMENT.match(statement):
             seen.statements.append(" ".join(statement.split()))
 

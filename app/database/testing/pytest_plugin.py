@@ -1,17 +1,23 @@
 """pytest fixtures for tests isolated by rollback on a real PostgreSQL database.
 
-Enable it with one line in your root `conftest.py`:
+Enable it with one line in your root `conftest.py` (with the module path the
+package has in your service):
 
     pytest_plugins = ["app.database.testing.pytest_plugin"]
 
-The run gets its own database, `<name>_<pid>_<random>` (one per xdist worker), named
-by `TEST_DATABASE_URL` or the `test_database_url` ini option, migrated once and
-dropped at the end. Each test that uses `db_session` (or `db_connection`) runs
-inside one transaction that is rolled back afterwards.
+The run gets its own database, `<name>_<pid>_<random>` (one per xdist worker), on
+the server `TEST_DATABASE_URL`, the `test_database_url` ini option or an override
+of the `database_server_url` fixture names; it is migrated once and dropped at
+the end. Each test that uses `db_session` (or `db_connection`) runs inside one
+transaction that is rolled back afterwards.
+
+This module holds the pytest hooks, ini options and fixtures; `_alembic.py` runs
+the service's migrations for the `database_migrate` fixture.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import func, inspect, select, table
+from sqlalchemy import MetaData, func, select, table
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.pool import QueuePool
@@ -38,9 +44,16 @@ from . import (
     isolated,
     joined_session,
 )
+from ._alembic import alembic_config_files, alembic_upgrade_head, list_tables
 
+# This module's path as the service named it (the folder may live anywhere), for
+# messages that tell the user what to change.
+PLUGIN = __name__
 URL_VARIABLE = "TEST_DATABASE_URL"
 LOOP_SCOPE_OPTIONS = ("asyncio_default_fixture_loop_scope", "asyncio_default_test_loop_scope")
+# How long `alembic upgrade head` may take before the run stops with a message,
+# rather than hang on an env.py waiting for something that never comes.
+MIGRATION_TIMEOUT_SECONDS = 60.0
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -48,6 +61,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "test_database_url",
         "database URL for the test run; TEST_DATABASE_URL overrides it. The run "
         "creates and drops <name>_<pid>_<random> on that server.",
+    )
+    parser.addini(
+        "database_migrate_timeout",
+        "seconds `alembic upgrade head` may take before the run stops "
+        f"(default {MIGRATION_TIMEOUT_SECONDS:g})",
     )
 
 
@@ -62,9 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         scopes = {option: config.getini(option) for option in LOOP_SCOPE_OPTIONS}
     except ValueError:
-        raise pytest.UsageError(
-            "app.database.testing.pytest_plugin needs pytest-asyncio >= 1.0: install it"
-        ) from None
+        raise pytest.UsageError(f"{PLUGIN} needs pytest-asyncio >= 1.0: install it") from None
     wrong = [
         f'{option} = "session" (now {"unset" if scope is None else repr(scope)})'
         for option, scope in scopes.items()
@@ -72,21 +88,34 @@ def pytest_configure(config: pytest.Config) -> None:
     ]
     if wrong:
         raise pytest.UsageError(
-            "app.database.testing.pytest_plugin shares one engine, on one event loop, "
+            f"{PLUGIN} shares one engine, on one event loop, "
             f"across the run: set {' and '.join(wrong)} in your pytest configuration"
         )
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session", name="database_url")
-async def database_url_fixture(request: pytest.FixtureRequest) -> AsyncIterator[URL]:
-    """This process's own database, created for the run and dropped after it."""
-    configured = os.environ.get(URL_VARIABLE) or request.config.getini("test_database_url")
+@pytest.fixture(scope="session", name="database_server_url")
+def database_server_url_fixture(request: pytest.FixtureRequest) -> str | URL:
+    """The server, user and base name of the run's database.
+
+    `TEST_DATABASE_URL`, else the `test_database_url` ini option. Override this
+    fixture to derive it from your service's own settings instead.
+    """
+    configured: str = os.environ.get(URL_VARIABLE) or request.config.getini("test_database_url")
     if not configured:
         raise pytest.UsageError(
-            f"set {URL_VARIABLE}=postgresql+asyncpg://USER@HOST:PORT/NAME, or "
-            "test_database_url in your pytest configuration"
+            f"{PLUGIN} needs a PostgreSQL server for the test database: set "
+            f"{URL_VARIABLE}=postgresql+asyncpg://USER@HOST:PORT/NAME, or test_database_url "
+            "in your pytest configuration, or override the database_server_url fixture"
         )
-    base = make_url(configured)
+    return configured
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session", name="database_url")
+async def database_url_fixture(
+    request: pytest.FixtureRequest, database_server_url: str | URL
+) -> AsyncIterator[URL]:
+    """This process's own database, created for the run and dropped after it."""
+    base = make_url(database_server_url)
     # pid and a random part: unique per xdist worker, and across CI jobs whose
     # processes share a server (pids repeat across containers).
     suffix = f"{os.getpid()}_{secrets.token_hex(2)}"
@@ -95,8 +124,9 @@ async def database_url_fixture(request: pytest.FixtureRequest) -> AsyncIterator[
         await create_test_database(url)
     except DatabaseSetupError as error:
         message = (
-            f"{error}. Point {URL_VARIABLE} (or test_database_url) at a PostgreSQL "
-            "server where the user may create databases."
+            f"{error}. Point {URL_VARIABLE} (or test_database_url, or the "
+            "database_server_url fixture) at a PostgreSQL server where the user may "
+            "create databases."
         )
         if hasattr(request.config, "workerinput"):
             # pytest.exit() in an xdist worker loses the message (an INTERNALERROR).
@@ -106,27 +136,54 @@ async def database_url_fixture(request: pytest.FixtureRequest) -> AsyncIterator[
     await drop_test_database(url)
 
 
-def _alembic_upgrade_head(connection: Connection, config_path: Path) -> None:
-    from alembic import command  # here: Alembic is only needed by suites that use it
-    from alembic.config import Config
+@pytest.fixture(scope="session", name="database_metadata")
+def database_metadata_fixture() -> MetaData:
+    """The metadata whose tables `create_all` builds when there is no alembic.ini.
 
-    config = Config(config_path)
-    # env.py must run on this connection when given one (Alembic's cookbook recipe
-    # "Sharing a Connection across one or more programmatic migration commands").
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    The package's `Base.metadata`; override it to return your own `Base.metadata`.
+    """
+    return Base.metadata
+
+
+def _migration_timeout(config: pytest.Config) -> float:
+    configured = config.getini("database_migrate_timeout")
+    if not configured:
+        return MIGRATION_TIMEOUT_SECONDS
+    try:
+        seconds = float(configured)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise pytest.UsageError(
+            f"database_migrate_timeout must be a number of seconds > 0, got {configured!r}"
+        )
+    return seconds
 
 
 @pytest.fixture(scope="session", name="database_migrate")
-def database_migrate_fixture(request: pytest.FixtureRequest) -> Callable[[Connection], None]:
-    """How the schema is built, once per run: Alembic if alembic.ini exists, else create_all.
+def database_migrate_fixture(
+    request: pytest.FixtureRequest, database_url: URL, database_metadata: MetaData
+) -> Callable[[Connection], None]:
+    """How the schema is built, once per run: Alembic if configured, else create_all.
 
-    Override this fixture to build it another way.
+    Alembic when the rootdir has an alembic.ini or a [tool.alembic] section in
+    pyproject.toml. Override this fixture to build it another way: return a
+    function of a sync `Connection` to the test database.
     """
-    config_path = Path(request.config.rootpath) / "alembic.ini"
-    if config_path.is_file():
-        return lambda connection: _alembic_upgrade_head(connection, config_path)
-    return Base.metadata.create_all
+    files = alembic_config_files(Path(request.config.rootpath))
+    if files is not None:
+        timeout = _migration_timeout(request.config)
+        return lambda connection: alembic_upgrade_head(connection, files, database_url, timeout)
+    if not database_metadata.tables:
+        pytest.fail(
+            f"{PLUGIN}: no Alembic configuration in {request.config.rootpath} and no "
+            "table in the database_metadata fixture's metadata (the package's Base, "
+            "unless overridden), so there is no schema to build: override "
+            "database_metadata to return your models' Base.metadata, or "
+            "database_migrate to build it another way",
+            pytrace=False,
+        )
+    return database_metadata.create_all
 
 
 @pytest.fixture(scope="session", name="database_manager")
@@ -136,12 +193,28 @@ def database_manager_fixture() -> DatabaseSessionManager:
 
 
 def _row_counts(connection: Connection) -> dict[str, int]:
-    present = set(inspect(connection).get_table_names())
-    tables = [t.name for t in Base.metadata.sorted_tables if t.name in present]
-    counts = {
-        name: connection.scalar(select(func.count()).select_from(table(name))) for name in tables
+    # Every table the database has, not only those of some metadata: a service's
+    # models may live on a Base of its own, and a test may create a table.
+    counts: dict[str, int] = {}
+    for schema, name in list_tables(connection):
+        query = select(func.count()).select_from(table(name, schema=schema))
+        counts[name if schema is None else f"{schema}.{name}"] = connection.scalar(query) or 0
+    return counts
+
+
+def _residue(seeded: dict[str, int], counts: dict[str, int]) -> list[str]:
+    """What the tests left committed, compared with what the schema build left."""
+    rows = {
+        name: count - seeded.get(name, 0)
+        for name, count in counts.items()
+        if count != seeded.get(name, 0)
     }
-    return {name: count or 0 for name, count in counts.items()}
+    created = sorted(set(counts) - set(seeded))
+    dropped = sorted(set(seeded) - set(counts))
+    found = [f"rows persisted past the rollback isolation: {rows}"] if rows else []
+    found += [f"tables created past it: {created}"] if created else []
+    found += [f"tables dropped past it: {dropped}"] if dropped else []
+    return found
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session", name="database")
@@ -165,10 +238,11 @@ async def database_fixture(
         # No grace: the tests are over, and each test's leak check has already
         # reported any connection a test left checked out.
         await database_manager.close(grace=0)
-    residue = {
-        name: n - seeded.get(name, 0) for name, n in counts.items() if n != seeded.get(name, 0)
-    }
-    assert not residue, f"rows persisted past the rollback isolation: {residue}"
+    residue = _residue(seeded, counts)
+    assert not residue, (
+        "; ".join(residue) + ": a test committed outside db_session and db_connection "
+        "(e.g. through session_manager.engine)"
+    )
 
 
 def _checked_out(manager: DatabaseSessionManager) -> int:

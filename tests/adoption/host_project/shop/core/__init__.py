@@ -1,0 +1,1 @@
+"""The service's infrastructure; the database package is copied in here."""
