@@ -28,7 +28,11 @@ from tests.faults.cancel_noise import (
 )
 from tests.faults.cancel_phases import PHASES
 from tests.faults.cancel_queued_waiters import QueueReport, cancel_queued_waiters
-from tests.faults.cancel_server_side import STOP_SECONDS, cancel_running_statement
+from tests.faults.cancel_server_side import (
+    STOP_SECONDS,
+    cancel_before_the_backend_reads,
+    cancel_running_statement,
+)
 from tests.faults.cancel_workload import POOL_CAPACITY, create_schema, drop_schema, open_manager
 from tests.faults.cancellation import run_style
 from tests.postgres import asyncpg_dsn
@@ -187,3 +191,17 @@ async def test_statement_cancelled_mid_flight_stops_on_the_server(
     garbage = collected_garbage_warnings()
     unexpected, _asyncpg_connect_noise = split_noise(garbage + noise_in(noise()))
     assert unexpected == []
+
+
+async def test_a_cancel_that_comes_before_the_statement_is_read_is_sent_again(
+    manager: DatabaseSessionManager, pairs_dsn: str
+) -> None:
+    """The backend is stopped with the statement in its socket when the unit of work is
+    cancelled: the CancelRequests sent at once find it idle and are ignored, it runs the
+    statement once it continues, and a repeated CancelRequest stops it within 2 s."""
+    report = await cancel_before_the_backend_reads(manager, pairs_dsn, stopped_seconds=0.15)
+
+    assert report.outcome == "cancelled", report
+    # Otherwise the scenario did not happen: the statement never ran after the cancel.
+    assert report.ran_after_the_cancel, report
+    assert report.still_running == 0, f"still running {STOP_SECONDS} s on: {report}"

@@ -18,7 +18,7 @@ def test_outside_an_event_loop_no_cancel_is_built() -> None:
     driver = driver_for(DRIVER)
     assert driver is not None
 
-    assert _closing._cancel_request(driver, object()) is None
+    assert _closing._cancel_sender(driver, object()) is None
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """asyncpg: bounded waits, cheap checks, prompt cuts and pooler-safe statements.
 
-asyncpg is imported lazily (only `cancel_request` and `classify` need it), so
+asyncpg is imported lazily (only `cancel_sender` and `classify` need it), so
 this module loads wherever the package does.
 """
 
@@ -19,6 +19,7 @@ from .._errors import DatabaseConfigError
 from ._base import (
     COMMAND_TIMEOUT_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
+    CancelSender,
     Driver,
     traceback_frames,
 )
@@ -106,24 +107,29 @@ class AsyncpgDriver(Driver):
     def cut(self, connection: Any) -> None:
         connection.terminate()
 
-    def cancel_request(self, connection: Any) -> Coroutine[Any, Any, None] | None:
+    def cancel_sender(self, connection: Any) -> CancelSender | None:
         # asyncpg's own CancelRequest sender. It is private: asyncpg cancels only
         # through a connection still open, and terminate() drops pending cancels.
         try:
             # importlib: asyncpg has no type stubs, and a static import would need
             # them under a host's `mypy --strict`.
-            connect_utils = importlib.import_module("asyncpg.connect_utils")
-            protocol = connection._protocol
-            request: Coroutine[Any, Any, None] = connect_utils._cancel(
-                loop=asyncio.get_running_loop(),
-                addr=connection._addr,
-                params=connection._params,
-                backend_pid=protocol.backend_pid,
-                backend_secret=protocol.backend_secret,
-            )
-        except (ImportError, AttributeError, TypeError):
+            cancel = importlib.import_module("asyncpg.connect_utils")._cancel
+            # Read now: terminate() drops the protocol that knows the backend.
+            backend = {
+                "loop": asyncio.get_running_loop(),
+                "addr": connection._addr,
+                "params": connection._params,
+                "backend_pid": connection._protocol.backend_pid,
+                "backend_secret": connection._protocol.backend_secret,
+            }
+        except (ImportError, AttributeError):
             return None  # another asyncpg: the cut still happens, uncancelled
-        return request
+
+        def send() -> Coroutine[Any, Any, None]:
+            request: Coroutine[Any, Any, None] = cancel(**backend)
+            return request
+
+        return send
 
     async def cancels_sent(self, connection: Any, timeout: float) -> None:
         # asyncpg sends a CancelRequest of its own when a statement's task is

@@ -9,13 +9,16 @@ interface, so supporting another driver means adding one module beside this one.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy.engine import URL
 
 from .._classify import SQLSTATE_LENGTH, DatabaseErrorKind
+
+# Each call sends one CancelRequest (a packet on a connection of its own).
+CancelSender = Callable[[], Coroutine[Any, Any, None]]
 
 # The waits every driver bounds by default (README, "Timeouts"): connecting, one
 # statement, and (SQLAlchemy's, driver-independent) a free pooled connection.
@@ -69,11 +72,13 @@ class Driver:
         """Drop the connection at once, without waiting for the server to answer."""
         raise NotImplementedError
 
-    def cancel_request(self, connection: Any) -> Coroutine[Any, Any, None] | None:
-        """A coroutine sending PostgreSQL's CancelRequest for the running statement.
+    def cancel_sender(self, connection: Any) -> CancelSender | None:
+        """A function whose every call returns a coroutine sending PostgreSQL's
+        CancelRequest for `connection`'s backend.
 
-        Built now, while the connection still knows its backend; sent later. None
-        when the driver cannot build one.
+        Built now, while the connection still knows its backend; called later, once
+        per request (after the connection is cut, too). None when the driver cannot
+        build one.
         """
         raise NotImplementedError
 

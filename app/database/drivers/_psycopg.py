@@ -14,7 +14,6 @@ import contextlib
 import os
 import select
 import socket
-from collections.abc import Coroutine
 from typing import Any
 
 import psycopg
@@ -27,6 +26,7 @@ from .._errors import DatabaseConfigError
 from ._base import (
     COMMAND_TIMEOUT_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
+    CancelSender,
     Driver,
     traceback_frames,
 )
@@ -74,9 +74,10 @@ class BoundedConnection(psycopg.AsyncConnection[Any]):
             # The CancelRequest first, then the cut: through a transaction pooler the
             # cancel is forwarded only while this client's connection is open.
             self._cut = True
-            cancel = DRIVER.cancel_request(self)
-            if cancel is not None:
-                await bounded(cancel, self.cancel_timeout)
+            # Once: this statement has run for command_timeout, so it is running.
+            send_cancel = DRIVER.cancel_sender(self)
+            if send_cancel is not None:
+                await bounded(send_cancel(), self.cancel_timeout)
             _shutdown(self)
             raise CommandTimeoutError(
                 f"the server did not answer within {self.command_timeout} s "
@@ -217,13 +218,24 @@ class PsycopgDriver(Driver):
         else:
             connection.pgconn.finish()
 
-    def cancel_request(self, connection: Any) -> Coroutine[Any, Any, None] | None:
+    def cancel_sender(self, connection: Any) -> CancelSender | None:
         try:
-            cancel_connection = connection.pgconn.cancel_conn()  # libpq >= 17
-            cancel_connection.start()
+            # libpq >= 17. A copy of what the backend needs, which outlives the
+            # connection's finish(), and which reset() makes ready for another request.
+            cancel_connection = connection.pgconn.cancel_conn()
         except (psycopg.Error, AttributeError):
             return None
-        return _send_cancel(cancel_connection)
+        used = False
+
+        async def send() -> None:
+            nonlocal used
+            if used:
+                cancel_connection.reset()  # closes the previous request's socket
+            used = True
+            cancel_connection.start()
+            await waiting.wait_conn_async(generators.cancel(cancel_connection))
+
+        return send
 
     def locate_connect_error(
         self, error: BaseException, where: str, timeout: object
@@ -284,14 +296,6 @@ _SERVER_NOT_READY = (
     "the database system is in recovery mode",
     "the database system is not yet accepting connections",
 )
-
-
-async def _send_cancel(cancel_connection: Any) -> None:
-    # Bounded by the caller (_closing.bounded), whose timeout depends on the deployment.
-    try:
-        await waiting.wait_conn_async(generators.cancel(cancel_connection))
-    finally:
-        cancel_connection.finish()
 
 
 DRIVER = PsycopgDriver()
