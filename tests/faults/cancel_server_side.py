@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import pytest
 from sqlalchemy import text
 
 from app.database import DatabaseSessionManager
@@ -148,6 +149,8 @@ async def cancel_before_the_backend_reads(
     task = asyncio.create_task(unit())
     try:
         if not await _until(_known(lambda: backend, task), 5.0) or backend is None:
+            if task.done() and isinstance(task.exception(), PermissionError):
+                pytest.skip("stopping a backend takes root or the server's own user")
             raise AssertionError(f"the unit of work never reached its statement ({task!r})")
         await asyncio.sleep(0.2)  # the statement is in the backend's socket by now
         cancelled_at = time.monotonic()

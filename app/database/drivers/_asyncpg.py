@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import socket
-from collections.abc import Coroutine
 from typing import Any
 
 from sqlalchemy.engine import URL
@@ -125,9 +124,8 @@ class AsyncpgDriver(Driver):
         except (ImportError, AttributeError):
             return None  # another asyncpg: the cut still happens, uncancelled
 
-        def send() -> Coroutine[Any, Any, None]:
-            request: Coroutine[Any, Any, None] = cancel(**backend)
-            return request
+        async def send() -> None:
+            await cancel(**backend)  # a TypeError from another asyncpg is the caller's
 
         return send
 

@@ -77,8 +77,8 @@ class Driver:
         CancelRequest for `connection`'s backend.
 
         Built now, while the connection still knows its backend; called later, once
-        per request (after the connection is cut, too). None when the driver cannot
-        build one.
+        per request (after the connection is cut, too). Calling it never raises: its
+        coroutine does. None when the driver cannot build one.
         """
         raise NotImplementedError
 

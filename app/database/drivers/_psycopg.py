@@ -232,8 +232,14 @@ class PsycopgDriver(Driver):
             if used:
                 cancel_connection.reset()  # closes the previous request's socket
             used = True
-            cancel_connection.start()
-            await waiting.wait_conn_async(generators.cancel(cancel_connection))
+            try:
+                cancel_connection.start()
+                await waiting.wait_conn_async(generators.cancel(cancel_connection))
+            except BaseException:
+                # No repeat follows a request that failed or timed out: its socket
+                # closes now, not whenever an exception that holds this is freed.
+                cancel_connection.finish()
+                raise
 
         return send
 
