@@ -106,10 +106,12 @@ async def _cancels_then_cut(
 
 async def _cancel_repeatedly(send_cancel: CancelSender, timeout: float) -> None:
     """Send a CancelRequest now and after each of CANCEL_REPEAT_PAUSES_SECONDS (bounded)."""
-    for pause in (0.0, *CANCEL_REPEAT_PAUSES_SECONDS):
-        await asyncio.sleep(pause)
-        if not await bounded(send_cancel(), timeout):
+    sent = await bounded(send_cancel(), timeout)
+    for pause in CANCEL_REPEAT_PAUSES_SECONDS:
+        if not sent:
             return  # a network that did not carry it would not carry a repeat either
+        await asyncio.sleep(pause)
+        sent = await bounded(send_cancel(), timeout)
 
 
 async def bounded(

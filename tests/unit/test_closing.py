@@ -3,6 +3,8 @@ failed COMMIT's outcome is."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 from sqlalchemy import exc
@@ -19,6 +21,31 @@ def test_outside_an_event_loop_no_cancel_is_built() -> None:
     assert driver is not None
 
     assert _closing._cancel_sender(driver, object()) is None
+
+
+async def test_a_cancel_request_is_repeated_while_it_gets_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sent, it goes again after each pause (one may have reached a backend that had not
+    read its statement yet); one that fails or times out is the last (a network that did
+    not carry it would not carry the next), and nothing is raised."""
+    monkeypatch.setattr(_closing, "CANCEL_REPEAT_PAUSES_SECONDS", (0.0, 0.0, 0.0))
+    outcomes = iter(["sent", "sent", "refused", "sent"])
+    attempts: list[str] = []
+
+    async def send() -> None:
+        attempts.append(next(outcomes))
+        if attempts[-1] == "refused":
+            raise OSError("connection refused")
+
+    async def stall() -> None:
+        attempts.append("stalled")
+        await asyncio.sleep(10)
+
+    await _closing._cancel_repeatedly(send, timeout=0.5)
+    await _closing._cancel_repeatedly(stall, timeout=0.01)
+
+    assert attempts == ["sent", "sent", "refused", "stalled"]
 
 
 @pytest.mark.parametrize(
