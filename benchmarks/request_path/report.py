@@ -324,16 +324,23 @@ def across(cells: list[Cell]) -> str:
                 for _, top, bottom in columns
             ]
             rows.append((variant, c, found))
-    kept = [i for i in range(len(columns)) if any(found[i] for _, _, found in rows)]
+    return _ratio_table("variant", [header for header, _, _ in columns], rows)
+
+
+def _ratio_table(
+    label: str, headers: list[str], rows: list[tuple[str, int, list[Ratio | None]]]
+) -> str:
+    """Ratios per (`label`, c), without the columns that have none; "" if none has any."""
+    kept = [i for i in range(len(headers)) if any(found[i] for _, _, found in rows)]
     if not kept:
         return ""
     lines = [
-        "| variant | c | " + " | ".join(columns[i][0] for i in kept) + " |",
+        f"| {label} | c | " + " | ".join(headers[i] for i in kept) + " |",
         "|---|--:|" + "--:|" * len(kept),
     ]
-    for variant, c, found in rows:
-        cells_text = ["-" if found[i] is None else str(found[i]) for i in kept]
-        lines.append(f"| {variant} | {c} | " + " | ".join(cells_text) + " |")
+    for name, c, found in rows:
+        texts = ["-" if found[i] is None else str(found[i]) for i in kept]
+        lines.append(f"| {name} | {c} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 
@@ -406,17 +413,10 @@ def routing(cells: list[Cell], round_trips: dict[Configuration, RoundTrips]) -> 
                 for _, top, bottom in ROUTING_COLUMNS
             ]
             rows.append((driver, c, found))
-    kept = [i for i in range(len(ROUTING_COLUMNS)) if any(found[i] for _, _, found in rows)]
-    if not kept:
+    table = _ratio_table("driver", [header for header, _, _ in ROUTING_COLUMNS], rows)
+    if not table:
         return ""
-    lines = [
-        "| driver | c | " + " | ".join(ROUTING_COLUMNS[i][0] for i in kept) + " |",
-        "|---|--:|" + "--:|" * len(kept),
-    ]
-    for driver, c, found in rows:
-        texts = ["-" if found[i] is None else str(found[i]) for i in kept]
-        lines.append(f"| {driver} | {c} | " + " | ".join(texts) + " |")
-    lines.append("")
+    lines = [table, ""]
     for driver in _present(cells, "driver", DRIVERS):
         parts = []
         for variant, deployment in ROUTED:
